@@ -1,0 +1,98 @@
+"""The `pipeline` command line: a thin Typer app.
+
+Each command lives in `pipeline/commands/<name>.py` and does three things: options -> typed
+config, one stage (or workflow) call, presentation. This module only builds the app and turns
+every failure into one line on stderr and a non-zero exit code; `--debug` shows the traceback.
+Nothing heavy is imported here, so `pipeline --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from pipeline import __version__
+
+app = typer.Typer(
+    name="pipeline",
+    help="Train a dropout CNN, export it to ONNX with proof that dropout is gone, quantize it, and measure it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")}
+F = TypeVar("F", bound=Callable)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def fail(message: str, code: int) -> None:
+    """Print one line to stderr and exit with `code`."""
+    line = " ".join(str(message).split())
+    typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(command: F) -> F:
+    """Run a command so that any failure is one line and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from pipeline.errors import PipelineError
+
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            if isinstance(exc, PipelineError):
+                fail(str(exc), exc.exit_code)
+            if isinstance(exc, ValueError):  # config validation: a bad option value
+                fail(str(exc), 2)
+            fail(f"unexpected {type(exc).__name__}: {exc} (run `pipeline --debug ...` for the traceback)", 70)
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            fail("interrupted; nothing half-written was kept", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _register() -> None:
+    from pipeline.commands import train as train_command
+
+    app.command("train")(guarded(train_command.train))
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

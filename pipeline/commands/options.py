@@ -1,0 +1,28 @@
+"""Parsers for option values that Typer has no type for, and the console used by commands."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+# Progress and tables go to stderr, so stdout stays clean for --json output.
+console = Console(stderr=True)
+
+
+def int_list(text: str, what: str) -> tuple[int, ...]:
+    """'32,64' -> (32, 64); '' -> ()."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def image_size(text: str | None) -> tuple[int, int] | None:
+    """'28' -> (28, 28); '32x48' -> (32, 48)."""
+    if text is None:
+        return None
+    parts = int_list(text.lower().replace("x", ","), "--image-size")
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return parts
+    raise ValueError(f"--image-size must be N or HxW, got {text!r}")

@@ -1,0 +1,104 @@
+"""`pipeline train`: options -> DataConfig, ModelConfig, TrainConfig -> workflow.train_run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.commands.options import console, image_size, int_list
+from pipeline.config import DataConfig, ModelConfig, TrainConfig
+
+
+def train(
+    dataset: Annotated[str, typer.Option(help="digits (bundled 8x8 handwriting), idx (folder of IDX files), "
+                                              "folder (one sub-folder of PNG/JPEG per class), npz (x_train, y_train, x_test, y_test).")] = "digits",
+    data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
+    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to N or HxW (required for folder).")] = None,
+    channels: Annotated[Optional[int], typer.Option(help="1 or 3 channels for folder images; default: 1 if all are grayscale.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to write. Default: models/digits, or models/<data folder name>.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing run folder (the old one stays until the new run completes).")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run at this path from its last completed epoch, with its saved settings.")] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 2e-3,
+    schedule: Annotated[str, typer.Option(help="Learning-rate schedule: none, cosine or step.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay, for comparison with dropout.")] = 0.0,
+    l1: Annotated[float, typer.Option(help="L1 penalty on the weights.")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="Dropout rate before each fully connected layer (0 disables).")] = 0.5,
+    spatial_dropout: Annotated[float, typer.Option(help="Dropout2d rate after each conv block (0 disables).")] = 0.0,
+    conv_channels: Annotated[str, typer.Option(help="Output channels of the conv blocks, comma-separated.")] = "32,64",
+    fc_units: Annotated[str, typer.Option(help="Hidden fully connected units, comma-separated ('' for none).")] = "128",
+    batch_norm: Annotated[bool, typer.Option(help="BatchNorm after each conv.")] = False,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation loss (0 disables).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of splits, initialisation, shuffling and dropout masks.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: one per core).")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Test share when the data has no test split.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Validation share of the training split.")] = 0.1,
+    max_train_samples: Annotated[Optional[int], typer.Option(help="Keep only this many training images (stratified).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the result line.")] = False,
+) -> None:
+    """Train the dropout CNN and write a run folder (checkpoint, metrics, curves, manifest).
+
+    The test split is held out: it is never used for training or for choosing the epoch.
+    An interrupted run can be continued with --resume.
+    """
+    from pipeline.workflow import default_run_dir, train_run
+
+    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
+                             channels=channels, test_fraction=test_fraction, val_fraction=val_fraction,
+                             max_train_samples=max_train_samples, seed=seed)
+    model_config = ModelConfig(conv_channels=int_list(conv_channels, "--conv-channels"),
+                               fc_units=int_list(fc_units, "--fc-units"), dropout=dropout,
+                               spatial_dropout=spatial_dropout, batch_norm=batch_norm)
+    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
+                               weight_decay=weight_decay, l1=l1, patience=patience, seed=seed, device=device,
+                               threads=threads)
+    run_dir = resume if resume is not None else (out or default_run_dir(data_config))
+
+    with EpochProgress(quiet) as progress:
+        result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
+                           on_start=progress.start, on_epoch=progress.epoch)
+    metrics = result.metrics
+    typer.echo(f"{run_dir}: test accuracy {100 * metrics['test_accuracy']:.2f}% "
+               f"(best epoch {metrics['best_epoch']}/{metrics['epochs_run']}, "
+               f"{metrics['train_seconds']:.1f} s, {metrics['seconds_per_epoch']:.2f} s/epoch)")
+
+
+class EpochProgress:
+    """A rich progress bar over epochs with the latest loss and accuracies; silent when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> EpochProgress:
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start(self, info: dict) -> None:
+        if self.progress is None:
+            return
+        sizes = info["sizes"]
+        console.print(f"{info['source']}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test images")
+        self.task = self.progress.add_task("", total=info["epochs"])
+
+    def epoch(self, result) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(self.task, completed=result.epoch,
+                             description=f"loss {result.train_loss:.3f}  train {100 * result.train_accuracy:.1f}%  "
+                                         f"val {100 * result.val_accuracy:.1f}%  ({result.seconds:.1f} s)")

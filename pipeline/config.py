@@ -1,0 +1,159 @@
+"""Typed, frozen configuration for each stage.
+
+Every field says what it means; `__post_init__` rejects bad values with a `ValueError` whose
+message names the field, so a bad option fails before any work starts. Library functions take
+these objects, never the CLI's options. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("digits", "idx", "folder", "npz")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "cosine", "step")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a config (paths as strings, tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    dataset: str = "digits"
+    """One of `digits` (scikit-learn's bundled 8x8 digits), `idx`, `folder`, `npz`."""
+    data_dir: Path | None = None
+    """Folder of IDX files or of class sub-folders, or the `.npz` file. Unused for `digits`."""
+    image_size: tuple[int, int] | None = None
+    """(H, W) every image is resized to. Required for `folder`; others keep their size."""
+    channels: int | None = None
+    """1 or 3 for `folder`; None decides from the images (grayscale if all are)."""
+    test_fraction: float = 0.2
+    """Share held out for test when the source has no test split of its own."""
+    val_fraction: float = 0.1
+    """Share of the training split held out for validation (early stopping, model choice)."""
+    max_train_samples: int | None = None
+    """Keep only this many training images (stratified), to study small-data overfitting."""
+    seed: int = 0
+    """Seed of the stratified splits; the same seed gives the same splits."""
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset != "digits":
+            _require(self.data_dir is not None, f"--data-dir is required for dataset {self.dataset!r}")
+        if self.dataset == "folder":
+            _require(self.image_size is not None, "--image-size is required for dataset 'folder'")
+        if self.image_size is not None:
+            _require(len(self.image_size) == 2 and all(s >= 1 for s in self.image_size),
+                     f"image size must be two positive integers, got {self.image_size}")
+        _require(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1), got {self.test_fraction}")
+        _require(0.0 < self.val_fraction < 1.0, f"validation fraction must be in (0, 1), got {self.val_fraction}")
+        _require(self.max_train_samples is None or self.max_train_samples >= 10,
+                 f"max train samples must be at least 10, got {self.max_train_samples}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dropout CNN: conv blocks, then fully connected layers with dropout before each."""
+
+    in_channels: int = 1
+    """Image channels C of the C x H x W input."""
+    height: int = 8
+    """Input height H."""
+    width: int = 8
+    """Input width W."""
+    num_classes: int = 10
+    """Number of classes K."""
+    conv_channels: tuple[int, ...] = (32, 64)
+    """Output channels of each conv block (conv 3x3, optional BatchNorm, ReLU, 2x2 max pool)."""
+    fc_units: tuple[int, ...] = (128,)
+    """Hidden fully connected layers between the conv blocks and the classifier."""
+    dropout: float = 0.5
+    """Rate of the `nn.Dropout` before each fully connected layer; 0 disables it."""
+    spatial_dropout: float = 0.0
+    """Rate of `nn.Dropout2d` after each conv block; 0 disables it."""
+    batch_norm: bool = False
+    """BatchNorm after each conv (folded into the conv at export)."""
+
+    def __post_init__(self) -> None:
+        _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        _require(self.height >= 1 and self.width >= 1, f"input size must be positive, got {self.height}x{self.width}")
+        _require(self.num_classes >= 2, f"need at least 2 classes, got {self.num_classes}")
+        _require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
+                 f"conv channels must be one or more positive integers, got {self.conv_channels}")
+        _require(all(u >= 1 for u in self.fc_units), f"fc units must be positive integers, got {self.fc_units}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(0.0 <= self.spatial_dropout < 1.0, f"spatial dropout must be in [0, 1), got {self.spatial_dropout}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Rebuild from a checkpoint's plain dict (lists back to tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the model is trained."""
+
+    epochs: int = 40
+    """Maximum epochs; early stopping may end sooner."""
+    batch_size: int = 64
+    """Images per optimizer step."""
+    optimizer: str = "adam"
+    """`adam` or `sgd` (with Nesterov momentum 0.9)."""
+    lr: float = 2e-3
+    """Initial learning rate."""
+    schedule: str = "cosine"
+    """Learning-rate schedule: `none`, `cosine` (to 0 over `epochs`), `step` (x0.1 every third of `epochs`)."""
+    weight_decay: float = 0.0
+    """L2 penalty coefficient (decoupled for Adam: AdamW), for comparison with dropout."""
+    l1: float = 0.0
+    """L1 penalty coefficient on the weights, added to the loss."""
+    patience: int = 10
+    """Stop after this many epochs without a better validation loss; 0 disables early stopping."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and dropout masks."""
+    device: str = "cpu"
+    """`cpu`, `cuda`, or `auto` (cuda when available)."""
+    threads: int | None = None
+    """CPU threads for torch; None keeps torch's default (one per core)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        _require(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
+        _require(self.l1 >= 0, f"l1 must be >= 0, got {self.l1}")
+        _require(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _require(self.device in DEVICES, f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")

@@ -1,0 +1,287 @@
+"""Training loop, evaluation and checkpoints.
+
+The data lives in memory as tensors and batches are index slices, so the hot loop has no
+per-sample Python work. After every epoch the full training state (weights, optimizer,
+schedule, RNG states, history) is saved atomically, which is what `--resume` continues from:
+a resumed run reaches the same weights as an uninterrupted one with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.artifacts import CHECKPOINT, TRAIN_STATE, atomic_path
+from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from pipeline.data import Preprocess, Splits
+from pipeline.errors import CheckpointError, DeviceError
+from pipeline.model import DropoutCNN
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "pipeline-checkpoint-v1"
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    history: tuple[EpochResult, ...]
+    best_epoch: int
+    test_accuracy: float
+    test_loss: float
+    train_seconds: float
+    stopped_early: bool
+    device: str
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds / max(len(self.history), 1)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: this torch build or machine has no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(requested)
+
+
+def model_config_for(splits: Splits, base: ModelConfig) -> ModelConfig:
+    """The model config with its input shape and class count taken from the data."""
+    channels, (height, width) = splits.preprocess.channels, splits.preprocess.size
+    return ModelConfig(**{**to_dict(base), "in_channels": channels, "height": height, "width": width,
+                          "num_classes": len(splits.labels), "conv_channels": base.conv_channels,
+                          "fc_units": base.fc_units})
+
+
+def to_tensors(splits: Splits, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Preprocess once; every split becomes an (inputs, labels) pair on the device."""
+    pairs = {"train": (splits.x_train, splits.y_train), "val": (splits.x_val, splits.y_val),
+             "test": (splits.x_test, splits.y_test)}
+    return {name: (torch.from_numpy(splits.preprocess.apply(x)).to(device), torch.from_numpy(y).to(device))
+            for name, (x, y) in pairs.items()}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), EVAL_BATCH):
+        logits = model(x[start:start + EVAL_BATCH])
+        target = y[start:start + EVAL_BATCH]
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return loss / len(y), correct / len(y)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        # AdamW: weight decay as a true L2 shrinkage, not scaled by Adam's adaptive rates.
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                           weight_decay=config.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(config.epochs // 3, 1), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _l1_penalty(model: nn.Module) -> torch.Tensor:
+    return sum(p.abs().sum() for name, p in model.named_parameters() if name.endswith("weight"))
+
+
+def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig,
+          run_dir: Path, resume: bool = False,
+          on_epoch: Callable[[EpochResult], None] | None = None) -> TrainResult:
+    """Train in `run_dir` (a staging folder) and write `checkpoint.pt` there.
+
+    `model_config` must already match the data (see `model_config_for`). With `resume`, the
+    training state saved after the last completed epoch is loaded and training continues.
+    """
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    tensors = to_tensors(splits, device)
+    x_train, y_train = tensors["train"]
+    model = DropoutCNN(model_config).to(device)
+    optimizer = _optimizer(model, config)
+    scheduler = _schedule(optimizer, config)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    state = {"epoch": 0, "history": [], "best_val_loss": math.inf, "best_epoch": 0,
+             "best_state": None, "bad_epochs": 0, "seconds": 0.0}
+    if resume:
+        state = _load_train_state(run_dir / TRAIN_STATE, model, optimizer, scheduler, shuffle, device,
+                                  fingerprint=splits.fingerprint, model_config=model_config, config=config)
+
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(y_train), generator=shuffle).to(device)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            index = order[start:start + config.batch_size]
+            inputs, target = x_train[index], y_train[index]
+            logits = model(inputs)
+            loss = nn.functional.cross_entropy(logits, target)
+            objective = loss + config.l1 * _l1_penalty(model) if config.l1 > 0 else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(index)
+            correct += int((logits.argmax(1) == target).sum())
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_accuracy = evaluate(model, *tensors["val"])
+        seconds = time.perf_counter() - started
+        result = EpochResult(epoch, total_loss / len(order), correct / len(order), val_loss, val_accuracy, lr, seconds)
+        state["history"].append(result.to_dict())
+        state["seconds"] += seconds
+        state["epoch"] = epoch
+        if val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        if config.patience and state["bad_epochs"] >= config.patience:
+            stopped_early = True
+        _save_train_state(run_dir / TRAIN_STATE, state, model, optimizer, scheduler, shuffle,
+                          splits.fingerprint, data_config, model_config, config, stopped_early)
+        if on_epoch is not None:
+            on_epoch(result)
+        if stopped_early:
+            log.info("early stop at epoch %d: no better validation loss for %d epochs", epoch, config.patience)
+            break
+    else:
+        stopped_early = bool(state.get("stopped_early", False))
+
+    model.load_state_dict(state["best_state"])
+    test_loss, test_accuracy = evaluate(model, *tensors["test"])
+    checkpoint = run_dir / CHECKPOINT
+    save_checkpoint(checkpoint, model, splits.preprocess, splits.labels, splits.fingerprint,
+                    data_config, config, state["best_epoch"])
+    return TrainResult(checkpoint, tuple(EpochResult(**h) for h in state["history"]), state["best_epoch"],
+                       test_accuracy, test_loss, state["seconds"], stopped_early, str(device))
+
+
+# --- training state, for --resume ------------------------------------------------------
+
+
+def _save_train_state(path: Path, state: dict, model: nn.Module, optimizer, scheduler, shuffle: torch.Generator,
+                      fingerprint: str, data_config: DataConfig, model_config: ModelConfig, config: TrainConfig,
+                      stopped_early: bool) -> None:
+    payload = {**state, "stopped_early": stopped_early, "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "torch_rng": torch.get_rng_state(), "shuffle_rng": shuffle.get_state(),
+               "fingerprint": fingerprint, "data_config": to_dict(data_config),
+               "model_config": to_dict(model_config), "train_config": to_dict(config)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_train_state(path: Path, model: nn.Module, optimizer, scheduler, shuffle: torch.Generator,
+                      device: torch.device, fingerprint: str, model_config: ModelConfig, config: TrainConfig) -> dict:
+    payload = _torch_load(path)
+    if payload.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{path}: the data differs from the interrupted run's (fingerprint mismatch)")
+    if payload.get("model_config") != to_dict(model_config) or payload.get("train_config") != to_dict(config):
+        raise CheckpointError(f"{path}: the interrupted run used another model or training configuration")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    torch.set_rng_state(payload["torch_rng"])
+    shuffle.set_state(payload["shuffle_rng"])
+    keys = ("epoch", "history", "best_val_loss", "best_epoch", "best_state", "bad_epochs", "seconds", "stopped_early")
+    return {k: payload[k] for k in keys}
+
+
+def read_train_state_configs(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(data config, model config, train config) of an interrupted run, as plain dicts."""
+    payload = _torch_load(Path(run_dir) / TRAIN_STATE)
+    return payload["data_config"], payload["model_config"], payload["train_config"]
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: DropoutCNN, preprocess: Preprocess, labels: tuple[str, ...],
+                    fingerprint: str, data_config: DataConfig, train_config: TrainConfig, epoch: int) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "pipeline_version": __version__,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "model_config": to_dict(model.config), "preprocess": preprocess.to_dict(), "labels": list(labels),
+               "data_fingerprint": fingerprint, "data_config": to_dict(data_config),
+               "train_config": to_dict(train_config), "epoch": epoch}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _torch_load(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        # weights_only=True: a checkpoint from elsewhere must not be able to run code.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a pipeline checkpoint")
+    return payload
+
+
+def load_checkpoint(path: Path) -> tuple[DropoutCNN, dict]:
+    """The model in eval mode and the checkpoint's record; `CheckpointError` on any mismatch."""
+    payload = _torch_load(path)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a pipeline checkpoint (format {payload.get('format')!r})")
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+        model = DropoutCNN(config)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: weights do not match the recorded architecture: {detail}") from None
+    model.eval()
+    return model, payload
+
+
+def predictions(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Class indices for preprocessed inputs, in eval mode on the CPU."""
+    model.eval()
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(x[i:i + EVAL_BATCH])).argmax(1).numpy()
+                               for i in range(0, len(x), EVAL_BATCH)])

@@ -1,0 +1,39 @@
+"""Shared fixtures. Expensive things (a trained run) are made once per session, on tiny
+configs, so the whole suite runs on 2 CPU cores in minutes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST_TEST = REPO.parent / "shared" / "data" / "mnist-test"
+
+# A small but real config: digits, narrow widths, few epochs. Enough to be well above chance.
+TINY_MODEL = {"conv_channels": (8, 16), "fc_units": (32,), "dropout": 0.5}
+TINY_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 0, "seed": 0}
+
+
+def train_tiny_run(out: Path, **model_overrides):
+    from pipeline.config import DataConfig, ModelConfig, TrainConfig
+    from pipeline.workflow import train_run
+
+    return train_run(DataConfig(), ModelConfig(**{**TINY_MODEL, **model_overrides}), TrainConfig(**TINY_TRAIN), out)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_master(tmp_path_factory) -> Path:
+    """A finished digits run (dropout 0.5), trained once per test session. Do not modify it."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    train_tiny_run(out)
+    return out
+
+
+@pytest.fixture
+def tiny_run(tiny_run_master, tmp_path) -> Path:
+    """A private copy of the trained run, free to modify."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run_master, copy)
+    return copy
