@@ -157,3 +157,36 @@ class TrainConfig:
         _require(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         _require(self.device in DEVICES, f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class MCConfig:
+    """Monte Carlo dropout export: `model.mc.onnx`, whose dropout stays active at inference."""
+
+    samples: int = 32
+    """Dropout samples N per input, fixed at export and drawn in one batched pass."""
+    seed: int = 0
+    """Seeds ONNX Runtime's random ops (`onnxruntime.set_seed`) and the noise images during
+    verification, so the recorded numbers are reproducible. The shipped file holds no seed."""
+    opset: int = 18
+    """ONNX opset of the export (the dynamo exporter gives 18 at least)."""
+    max_accuracy_drop: float = 0.005
+    """Verification fails when MC accuracy < deterministic accuracy - this (0.005 = 0.5 points)."""
+    convergence_repeats: int = 16
+    """The convergence study averages up to this many runs of the N-sample model (N x repeats samples)."""
+    ood_samples: int = 1000
+    """At most this many images per out-of-distribution set (and of the in-distribution test split)."""
+    ood_data_dir: Path | None = None
+    """An IDX folder or `.npz` file of another dataset, resized to the run's input, as one more
+    out-of-distribution set (e.g. MNIST for a digits run); None skips it."""
+    batch_size: int = 256
+    """Images per ONNX Runtime call during verification and evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(2 <= self.samples <= 4096, f"MC samples must be in [2, 4096], got {self.samples}")
+        _require(self.seed >= 0, f"MC seed must be >= 0, got {self.seed}")
+        _require(self.opset >= 18, f"MC opset must be >= 18 (the dynamo exporter's minimum), got {self.opset}")
+        _require(0.0 <= self.max_accuracy_drop <= 1.0, f"max accuracy drop must be in [0, 1], got {self.max_accuracy_drop}")
+        _require(self.convergence_repeats >= 2, f"convergence repeats must be >= 2, got {self.convergence_repeats}")
+        _require(self.ood_samples >= 10, f"OOD samples must be >= 10, got {self.ood_samples}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
