@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,8 +299,10 @@ def _check_finite(raw: _Raw) -> None:
 def _stratified(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, what: str):
     from sklearn.model_selection import train_test_split
 
+    # At least one image of each class on the held-out side, so tiny datasets still split.
+    held_out = max(math.ceil(fraction * len(y)), len(np.unique(y)))
     try:
-        return train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
+        return train_test_split(x, y, test_size=held_out, stratify=y, random_state=seed)
     except ValueError as exc:
         raise DataError(f"cannot split off a stratified {what} set: {exc}") from None
 
