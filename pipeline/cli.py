@@ -85,6 +85,12 @@ def _register() -> None:
     from pipeline.commands import train as train_command
 
     app.command("train")(guarded(train_command.train))
+    from pipeline.commands import predict as predict_command
+
+    app.command("predict")(guarded(predict_command.predict))
+    from pipeline.commands import pack as pack_command
+
+    app.command("pack")(guarded(pack_command.pack))
 
 
 _register()

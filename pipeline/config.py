@@ -190,3 +190,38 @@ class MCConfig:
         _require(self.convergence_repeats >= 2, f"convergence repeats must be >= 2, got {self.convergence_repeats}")
         _require(self.ood_samples >= 10, f"OOD samples must be >= 10, got {self.ood_samples}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How `predict` opens a model and reports its answers."""
+
+    variant: str | None = None
+    """Artifact to run (fp32, int8, ...); None takes the manifest's `recommended`, else fp32."""
+    top_k: int = 3
+    """How many labels to report per input, most probable first."""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads; None keeps the artifact's runtime setting (or ORT's default)."""
+    invert: bool = False
+    """Invert 8-bit inputs (dark ink on light paper -> the light-on-dark the model was trained on)."""
+    assume: bool = False
+    """For a bare .onnx without manifest or metadata: assume pixels / 255, mean 0, std 1, labels 0..K-1."""
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.variant is None or bool(self.variant.strip()), "variant must not be empty")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """What `pack` puts into a device bundle."""
+
+    out: Path
+    """The .tar.gz to write (atomically)."""
+    variants: tuple[str, ...] = ()
+    """Artifacts to ship; empty ships the manifest's `recommended` (else fp32)."""
+
+    def __post_init__(self) -> None:
+        _require(str(self.out).endswith((".tar.gz", ".tgz")), f"bundle name must end in .tar.gz or .tgz, got {self.out}")
+        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")

@@ -1,0 +1,61 @@
+"""`pipeline predict`: options -> PredictConfig -> predict.predict -> a table or JSON.
+
+Runs the exported model under ONNX Runtime with the artifact's session settings, as the
+device will; imports no torch (tests/test_predict.py proves it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import PredictConfig
+
+
+def predict(
+    model: Annotated[Path, typer.Argument(help="A run folder (reads manifest.json) or an .onnx file.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG images of any size, IDX files, .npy arrays.",
+                                                 show_default=False)],
+    variant: Annotated[Optional[str], typer.Option(help="Artifact to run (fp32, int8, ...). "
+                                                        "Default: the manifest's recommended variant, else fp32.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per input.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: the artifact's setting).")] = None,
+    invert: Annotated[bool, typer.Option(help="Invert 8-bit inputs: dark ink on light paper.")] = False,
+    assume: Annotated[bool, typer.Option(help="Bare .onnx without manifest or metadata: assume pixels/255, "
+                                              "mean 0, std 1, labels 0..K-1.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
+) -> None:
+    """Classify images, IDX files or .npy arrays with an exported model, without PyTorch.
+
+    Images are converted as the manifest says (grayscale or RGB, resized, normalized). The
+    model file's sha256 is checked against the manifest before it is loaded.
+    """
+    from pipeline.predict import predict as run_predict
+
+    config = PredictConfig(variant=variant, top_k=top_k, threads=threads, invert=invert, assume=assume)
+    loaded, predictions = run_predict(model, inputs, config)
+    if as_json:
+        typer.echo(json.dumps({"model": loaded.describe(), "predictions": [p.to_dict() for p in predictions]}, indent=2))
+        return
+    _show(loaded, predictions)
+
+
+def _show(loaded, predictions) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.commands.options import console
+
+    if loaded.source == "assumed":
+        console.print(f"[yellow]note:[/] {loaded.path} carries no preprocessing: assumed pixels / 255, mean 0, std 1")
+    name = f"{loaded.path}" + (f" ({loaded.variant})" if loaded.variant else "")
+    table = Table(title=f"{name}, {loaded.session.get_providers()[0]}", title_justify="left")
+    table.add_column("input", overflow="fold")
+    for rank in range(len(predictions[0].top) if predictions else 0):
+        table.add_column("top" if rank == 0 else f"#{rank + 1}")
+    for p in predictions:
+        table.add_row(p.name, *(f"{label}  {100 * prob:.1f}%" for _, label, prob in p.top))
+    Console().print(table)  # the answer goes to stdout; notes and errors to stderr
