@@ -225,3 +225,59 @@ class PackConfig:
     def __post_init__(self) -> None:
         _require(str(self.out).endswith((".tar.gz", ".tgz")), f"bundle name must end in .tar.gz or .tgz, got {self.out}")
         _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
+
+
+BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How `bench` times ONNX Runtime sessions (and the PyTorch baseline). Every loop is bounded in time."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    """Execution providers to time, by short name: `cpu`, `cuda`, `tensorrt`. An unavailable one is reported, never timed."""
+    batch_sizes: tuple[int, ...] = (1, 16, 256)
+    """Batch sizes to time; each is one measurement per artifact, provider and thread count."""
+    threads: tuple[int, ...] | None = None
+    """Intra-op thread counts to time; None chooses per batch size by a short interleaved probe of 1 thread vs all usable cores."""
+    optimization_level: str | None = None
+    """ORT graph optimization level for every session (`disable`, `basic`, `extended`, `all`); None applies each artifact's own `runtime`."""
+    warmup: int = 10
+    """Untimed runs after the first run, before timing (stopped early after `warmup_seconds`)."""
+    warmup_seconds: float = 1.0
+    """Upper bound on the warm-up time of one measurement."""
+    runs: int | None = None
+    """Timed runs per measurement; None times for `duration` seconds instead."""
+    duration: float = 0.6
+    """Seconds of timed runs per measurement when `runs` is None (at least one run per round)."""
+    rounds: int = 3
+    """The timed runs are split into this many rounds, interleaved across the artifacts of one group, so load drifts hit all alike."""
+    time_limit: float = 20.0
+    """Hard upper bound in seconds on the timed runs of one measurement, even with `runs`."""
+    io_binding: bool = False
+    """Bind inputs and outputs to the provider's device once (OrtValues) instead of copying per run."""
+    require_provider: bool = False
+    """Fail (DeviceError) instead of reporting a requested provider as unavailable."""
+    baseline: bool = True
+    """Also time the PyTorch model (eval + inference_mode) on the same inputs and threads, when a checkpoint is at hand."""
+    seed: int = 0
+    """Seed of the synthetic inputs (the same inputs for every artifact and the baseline)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.providers) >= 1, "at least one provider is required")
+        for provider in self.providers:
+            _require(provider in BENCH_PROVIDERS,
+                     f"unknown provider {provider!r}: choose one of {', '.join(BENCH_PROVIDERS)}")
+        _require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
+                 f"batch sizes must be one or more positive integers, got {self.batch_sizes}")
+        _require(self.threads is None or (len(self.threads) >= 1 and all(t >= 1 for t in self.threads)),
+                 f"threads must be positive integers, got {self.threads}")
+        _require(self.optimization_level in (None, *OPTIMIZATION_LEVELS),
+                 f"unknown optimization level {self.optimization_level!r}: choose one of {', '.join(OPTIMIZATION_LEVELS)}")
+        _require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        _require(self.warmup_seconds > 0, f"warmup seconds must be > 0, got {self.warmup_seconds}")
+        _require(self.runs is None or self.runs >= 1, f"runs must be >= 1, got {self.runs}")
+        _require(self.duration > 0, f"duration must be > 0 seconds, got {self.duration}")
+        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _require(self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}")

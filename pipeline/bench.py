@@ -1,0 +1,485 @@
+"""ONNX Runtime latency, measured so that the numbers can be trusted. Imports no torch.
+
+What makes a number honest here:
+- the session is built by `runtime.create_session` with the artifact's `runtime` settings (or the
+  level asked for), and the providers it really uses (`get_providers()`) are recorded;
+- a provider this onnxruntime build lacks is reported as unavailable with the reason, never timed on
+  the CPU under its name (CUDAExecutionProvider on the CPU wheel only warns and runs on the CPU);
+- session creation and the first run are timed apart from the steady state; warm-up runs follow;
+- the timed runs of one group (same provider, batch and threads) are split into rounds interleaved
+  across the targets, so a load spike from a neighbour hits every target alike and ratios hold;
+- thread counts are fixed per measurement and recorded; at batch 1 the count is chosen by a probe;
+- with IO binding the input and output live on the provider's device as OrtValues bound once, and
+  on a GPU the outputs are synchronised before the clock stops;
+- every loop is bounded in time (`BenchConfig.warmup_seconds`, `duration`, `time_limit`).
+
+A target is anything with `name`, `engine`, `describe()`, `input_shape`, `open(...)` -> `Slot`:
+`OnnxTarget` here, `pipeline.baseline.TorchTarget` for the PyTorch eager baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from pipeline import artifacts, runtime
+from pipeline.config import BenchConfig, to_dict
+from pipeline.errors import DeviceError, PipelineError, RunFolderError
+from pipeline.onnxfile import ModelFileError, io_signature, load_model
+
+log = logging.getLogger(__name__)
+BENCH_JSON = "bench.json"
+BENCH_PNG = "bench.png"
+BENCH_SCHEMA = 1
+PROBE_SECONDS = 0.3
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+# ORT's own exception types derive from Exception, not RuntimeError: a model that cannot run at a
+# batch size (a fixed batch dim) or on a provider is a record of failure, not a crash.
+_ORT_ERRORS = tuple(getattr(_ort_state, name) for name in
+                    ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented", "EPFail")
+                    if hasattr(_ort_state, name))
+
+
+class BenchError(PipelineError):
+    """A target that cannot be benchmarked (changed file, missing artifact, bad shape)."""
+
+    exit_code = 8
+
+
+# --- what is timed -------------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """One opened target for one (provider, batch, threads): `run` does exactly one timed inference."""
+
+    run: Callable[[], object]
+    info: dict
+    close: Callable[[], None] = lambda: None
+    latencies_ns: list[int] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    warmup_runs: int = 0
+    timed_seconds: float = 0.0
+    stopped_by: str = ""
+
+
+@dataclass(frozen=True)
+class OnnxTarget:
+    """An ONNX file and the ORT settings it must run with (the manifest's `runtime`)."""
+
+    name: str
+    path: Path
+    kind: str = "onnx"
+    runtime: dict = field(default_factory=dict)
+    sha256: str | None = None
+    input_shape: tuple[int, ...] = ()
+    """Per-sample input shape (C, H, W); the batch dimension is added per measurement."""
+    engine: str = "onnxruntime"
+
+    def describe(self) -> dict:
+        return {"artifact": self.name, "kind": self.kind, "engine": self.engine, "file": str(self.path),
+                "sha256": self.sha256, "runtime": self.runtime}
+
+    def open(self, provider: str, batch: int, threads: int, config: BenchConfig, x: np.ndarray) -> Slot:
+        level = config.optimization_level
+        started = time.perf_counter()
+        session = runtime.create_session(self.path, self.runtime, provider=provider, threads=threads, level=level)
+        create_ms = 1e3 * (time.perf_counter() - started)
+        inp, out = session.get_inputs()[0], session.get_outputs()[0]
+        x = x.astype(ORT_DTYPES.get(inp.type, np.float32), copy=False)
+        if config.io_binding:
+            run, first_ms, parity = _bound_runner(session, inp.name, out.name, x, DEVICE_OF[provider])
+        else:
+            def run():
+                return session.run([out.name], {inp.name: x})
+
+            started = time.perf_counter()
+            run()
+            first_ms, parity = 1e3 * (time.perf_counter() - started), None
+        info = {"session_providers": session.get_providers(), "session_create_ms": create_ms, "first_run_ms": first_ms,
+                "optimization_level": level or self.runtime.get("graph_optimization_level", "all"),
+                "disabled_optimizers": list(self.runtime.get("disabled_optimizers", [])),
+                "io_binding": config.io_binding, "input_dtype": np.dtype(x.dtype).name}
+        if parity is not None:
+            info["io_binding_max_abs_diff"] = parity
+        return Slot(run=run, info=info)
+
+
+def _bound_runner(session: ort.InferenceSession, in_name: str, out_name: str, x: np.ndarray, device: str):
+    """(run, first-run ms, max |bound - plain|): input and output bound once as OrtValues on `device`.
+
+    On a GPU the copies to and from the host leave the timed loop, and `synchronize_outputs` makes
+    the clock stop only when the device has finished (kernels are launched asynchronously).
+    """
+    binding = session.io_binding()
+    x_value = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
+    binding.bind_ortvalue_input(in_name, x_value)
+    binding.bind_output(out_name, device)  # first run: ORT allocates the output, which tells its shape
+    sync = device != "cpu"
+
+    started = time.perf_counter()
+    session.run_with_iobinding(binding)
+    if sync:
+        binding.synchronize_outputs()
+    first_ms = 1e3 * (time.perf_counter() - started)
+    shape = binding.get_outputs()[0].shape()
+    dtype = ORT_DTYPES.get(session.get_outputs()[0].type, np.float32)
+    y_value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+    binding.clear_binding_outputs()
+    binding.bind_ortvalue_output(out_name, y_value)  # preallocated: no allocation inside the timed loop
+
+    def run():
+        session.run_with_iobinding(binding)
+        if sync:
+            binding.synchronize_outputs()
+
+    run()
+    bound = binding.copy_outputs_to_cpu()[0]
+    plain = session.run([out_name], {in_name: x})[0]
+    parity = float(np.max(np.abs(bound.astype(np.float64) - plain.astype(np.float64)))) if bound.size else 0.0
+    return run, first_ms, parity
+
+
+# --- targets from a run folder or from files ------------------------------------------------
+
+
+def _sample_shape(path: Path, model) -> tuple[int, ...]:
+    inputs = io_signature(model)["inputs"]
+    if len(inputs) != 1:
+        raise BenchError(f"{path}: bench times single-input models, this one has {len(inputs)} inputs")
+    dims = inputs[0]["shape"][1:]
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise BenchError(f"{path}: input {inputs[0]['name']} needs a fixed per-sample shape, got {inputs[0]['shape']}")
+    return tuple(dims)
+
+
+def run_targets(run_dir: Path, variants: Sequence[str] | None = None) -> list[OnnxTarget]:
+    """Every artifact of the run's manifest (or the named `variants`), checked against its recorded hash."""
+    run_dir = Path(run_dir)
+    manifest = artifacts.read_manifest(run_dir)
+    records = manifest.get("artifacts") or {}
+    if not records:
+        raise RunFolderError(f"{run_dir}: the manifest lists no exported artifacts: run `pipeline export --run {run_dir}` first")
+    if variants:
+        missing = [v for v in variants if v not in records]
+        if missing:
+            raise BenchError(f"{run_dir}: no artifact named {', '.join(missing)} (the manifest has {', '.join(records)})")
+        records = {name: records[name] for name in variants}
+    targets = []
+    for name, record in records.items():
+        path = run_dir / record["file"]
+        model = load_model(path)
+        digest = artifacts.sha256_file(path)
+        if record.get("sha256") and record["sha256"] != digest:
+            raise BenchError(f"{path}: sha256 {digest[:12]} differs from the manifest's {record['sha256'][:12]}: "
+                             "the file changed after it was recorded")
+        targets.append(OnnxTarget(name=name, path=path, kind=record.get("kind", name), runtime=dict(record.get("runtime") or {}),
+                                  sha256=digest, input_shape=_sample_shape(path, model)))
+    return targets
+
+
+def file_targets(paths: Sequence[Path]) -> list[OnnxTarget]:
+    """ONNX files given directly: default ORT settings, named by file name."""
+    targets, names = [], set()
+    for path in map(Path, paths):
+        model = load_model(path)
+        name = path.name.removesuffix(".onnx")
+        while name in names:
+            name += "'"
+        names.add(name)
+        targets.append(OnnxTarget(name=name, path=path, kind="file", sha256=artifacts.sha256_file(path),
+                                  input_shape=_sample_shape(path, model)))
+    return targets
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def inputs_for(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
+    """Seeded standard-normal inputs, like normalised images: the same array for every target of a group."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, *shape), dtype=np.float32)
+
+
+def _warm(slot: Slot, config: BenchConfig) -> None:
+    deadline = time.perf_counter() + config.warmup_seconds
+    while slot.warmup_runs < config.warmup and time.perf_counter() < deadline:
+        slot.run()
+        slot.warmup_runs += 1
+
+
+def time_interleaved(slots: Sequence[Slot], config: BenchConfig) -> None:
+    """Warm up every slot, then time them in `config.rounds` interleaved rounds (order reversed on odd rounds)."""
+    for slot in slots:
+        _warm(slot, config)
+    per_round_runs = math.ceil(config.runs / config.rounds) if config.runs else None
+    per_round_seconds = config.duration / config.rounds
+    clock = time.perf_counter_ns
+    for round_index in range(config.rounds):
+        for slot in (slots if round_index % 2 == 0 else list(reversed(slots))):
+            if slot.timed_seconds >= config.time_limit:
+                continue
+            round_started, done = clock(), 0
+            while True:
+                started = clock()
+                slot.run()
+                ended = clock()
+                slot.latencies_ns.append(ended - started)
+                slot.rounds.append(round_index)
+                done += 1
+                in_round = (ended - round_started) / 1e9
+                if slot.timed_seconds + in_round >= config.time_limit:
+                    slot.stopped_by = "time_limit"
+                    break
+                if per_round_runs is not None and done >= per_round_runs:
+                    break
+                if per_round_runs is None and in_round >= per_round_seconds:
+                    break
+            slot.timed_seconds += (clock() - round_started) / 1e9
+    for slot in slots:
+        slot.stopped_by = slot.stopped_by or ("runs" if config.runs else "duration")
+
+
+def summarize(latencies_ns: Sequence[int], batch: int) -> dict:
+    """Percentiles and spread in milliseconds, throughput in images per second."""
+    ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    mean = float(ms.mean())
+    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    return {"runs": int(len(ms)),
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "mean": mean, "std": std,
+                           "min": float(ms.min()), "max": float(ms.max())},
+            "cv": std / mean if mean > 0 else 0.0,
+            "throughput_ips": batch / (mean / 1e3) if mean > 0 else 0.0}
+
+
+def round_medians(slot: Slot) -> list[float]:
+    """The p50 latency (ms) of each round, for paired comparisons between slots of one group."""
+    values = np.asarray(slot.latencies_ns, dtype=np.float64) / 1e6
+    rounds = np.asarray(slot.rounds)
+    return [float(np.median(values[rounds == r])) for r in sorted(set(slot.rounds))]
+
+
+# --- one benchmark --------------------------------------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    environment: dict
+    targets: list[dict]
+    records: list[dict]
+    thread_choices: list[dict]
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def ok(self) -> list[dict]:
+        return [r for r in self.records if r["status"] == "ok"]
+
+    def to_json(self) -> dict:
+        return {"schema": BENCH_SCHEMA, "created": artifacts.now_iso(), "config": to_dict(self.config),
+                "environment": self.environment, "targets": self.targets, "thread_choices": self.thread_choices,
+                "records": self.records, "summary": summary(self.records), "seconds": self.seconds, **self.extra}
+
+
+def _record(target, provider: str, batch: int, threads: int | None, threads_source: str, status: str, **rest) -> dict:
+    return {"artifact": target.name, "kind": target.kind, "engine": target.engine, "provider": provider,
+            "provider_name": runtime.PROVIDERS.get(provider, provider), "batch": batch, "threads": threads,
+            "threads_source": threads_source, "status": status, "reason": rest.pop("reason", None), **rest}
+
+
+def _open(target, provider, batch, threads, config, x, source):
+    """(slot, None) or (None, record of why not)."""
+    try:
+        return target.open(provider, batch, threads, config, x), None
+    except DeviceError as exc:
+        return None, _record(target, provider, batch, threads, source, "unavailable", reason=str(exc))
+    except (PipelineError, *_ORT_ERRORS, RuntimeError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        return None, _record(target, provider, batch, threads, source, "failed", reason=f"{type(exc).__name__}: {first}")
+
+
+def _probe_threads(target: OnnxTarget, provider: str, batch: int, config: BenchConfig, cores: int) -> dict:
+    """Time `target` at 1 thread and at all usable cores, interleaved, briefly; choose the faster p50."""
+    x = inputs_for(target.input_shape, batch, config.seed)
+    probe = dataclasses.replace(config, batch_sizes=(batch,), providers=(provider,), threads=None, runs=None,
+                                duration=PROBE_SECONDS, rounds=2, warmup=5, warmup_seconds=0.3)
+    slots = {}
+    for threads in sorted({1, cores}):
+        slot, _ = _open(target, provider, batch, threads, probe, x, "probe")
+        if slot is not None:
+            slots[threads] = slot
+    if not slots:
+        return {"provider": provider, "batch": batch, "chosen": 1, "by": "fallback: the probe could not open a session"}
+    time_interleaved(list(slots.values()), probe)
+    p50 = {t: summarize(s.latencies_ns, batch)["latency_ms"]["p50"] for t, s in slots.items()}
+    chosen = min(p50, key=p50.get)
+    return {"provider": provider, "batch": batch, "artifact": target.name, "candidates_p50_ms": {str(t): v for t, v in p50.items()},
+            "chosen": chosen, "by": f"probe ({PROBE_SECONDS:.1f} s, interleaved): the lower p50"}
+
+
+def _thread_plan(targets, provider: str, batch: int, config: BenchConfig, cores: int) -> tuple[list[int], str, dict | None]:
+    """(thread counts, how they were chosen, probe record)."""
+    if config.threads is not None:
+        return list(config.threads), "option", None
+    onnx_targets = [t for t in targets if t.engine == "onnxruntime"]
+    if cores > 1 and provider == "cpu" and onnx_targets:
+        # Measured, not assumed: at batch 1 a tiny CNN is usually fastest on one thread (no fork/join),
+        # and on a shared machine even large batches can lose from a second thread.
+        choice = _probe_threads(onnx_targets[0], provider, batch, config, cores)
+        return [choice["chosen"]], "auto (probe)", choice
+    if batch == 1:
+        return [1], "auto (batch 1: one thread)", None
+    return [cores], "auto (all usable cores)", None
+
+
+def benchmark(targets: Sequence, config: BenchConfig, on_group: Callable[[str], None] | None = None) -> BenchResult:
+    """Time every target for every provider, batch size and thread count of `config`."""
+    started = time.perf_counter()
+    unavailable = {p: runtime.provider_available(p)[1] for p in config.providers if not runtime.provider_available(p)[0]}
+    if config.require_provider and unavailable:
+        raise DeviceError(f"--require-provider: {'; '.join(unavailable.values())}")
+    cores = usable_cores()
+    records, choices = [], []
+    for provider in config.providers:
+        for batch in config.batch_sizes:
+            group = list(targets)
+            if provider in unavailable:
+                # No session is opened: ORT would warn and run on the CPU under the provider's name.
+                # Other engines (the torch baseline) decide for themselves in `open`.
+                records += [_record(t, provider, batch, None, "none", "unavailable", reason=unavailable[provider])
+                            for t in targets if t.engine == "onnxruntime"]
+                group = [t for t in targets if t.engine != "onnxruntime"]
+                if not group:
+                    continue
+            threads_list, source, choice = _thread_plan(group, provider, batch, config, cores)
+            if choice is not None:
+                choices.append(choice)
+            for threads in threads_list:
+                if on_group is not None:
+                    on_group(f"{provider} batch {batch} threads {threads}")
+                records += _measure_group(group, provider, batch, threads, source, config)
+    add_speedups(records)
+    return BenchResult(config=config, environment=environment(), targets=[t.describe() for t in targets],
+                       records=records, thread_choices=choices, seconds=time.perf_counter() - started)
+
+
+def _measure_group(targets, provider, batch, threads, source, config) -> list[dict]:
+    inputs = {}
+    opened, records = [], []
+    for target in targets:
+        shape = tuple(target.input_shape)
+        if shape not in inputs:
+            inputs[shape] = inputs_for(shape, batch, config.seed)
+        slot, failure = _open(target, provider, batch, threads, config, inputs[shape], source)
+        if failure is not None:
+            records.append(failure)
+        else:
+            opened.append((target, slot))
+    try:
+        time_interleaved([slot for _, slot in opened], config)
+    finally:
+        for _, slot in opened:
+            slot.close()
+    for target, slot in opened:
+        stats = summarize(slot.latencies_ns, batch)
+        records.append(_record(target, provider, batch, threads, source, "ok", **slot.info, warmup_runs=slot.warmup_runs,
+                               stopped_by=slot.stopped_by, timed_seconds=slot.timed_seconds,
+                               round_p50_ms=round_medians(slot), **stats))
+    return records
+
+
+def add_speedups(records: list[dict]) -> None:
+    """`speedup_vs_torch` = torch p50 / this p50, for records timed in the same group as the torch baseline."""
+    torch_p50 = {(r["provider"], r["batch"], r["threads"]): r["latency_ms"]["p50"]
+                 for r in records if r["status"] == "ok" and r["engine"] == "torch"}
+    for r in records:
+        key = (r["provider"], r["batch"], r["threads"])
+        if r["status"] == "ok" and r["engine"] != "torch" and key in torch_p50:
+            r["torch_p50_ms"] = torch_p50[key]
+            r["speedup_vs_torch"] = torch_p50[key] / r["latency_ms"]["p50"]
+
+
+def summary(records: list[dict]) -> dict:
+    """The headline numbers: fastest target per (provider, batch), ORT/torch ratios, unavailable providers."""
+    out: dict = {"fastest": {}, "speedup_vs_torch": {}, "unavailable": {}}
+    for r in records:
+        if r["status"] == "unavailable":
+            out["unavailable"][r["provider"]] = r["reason"]
+        if r["status"] != "ok":
+            continue
+        key = f"{r['provider']}/batch{r['batch']}"
+        best = out["fastest"].get(key)
+        if best is None or r["latency_ms"]["p50"] < best["p50_ms"]:
+            out["fastest"][key] = {"artifact": r["artifact"], "threads": r["threads"], "p50_ms": r["latency_ms"]["p50"]}
+        if "speedup_vs_torch" in r:
+            out["speedup_vs_torch"][f"{r['artifact']}/{key}/threads{r['threads']}"] = r["speedup_vs_torch"]
+    return out
+
+
+# --- environment ------------------------------------------------------------------------------
+
+# ISA features that choose ORT's and torch's kernels (x86 and ARM spellings).
+_ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "vnni", "bmi", "popcnt", "asimd", "sve", "neon",
+                 "fp16", "fphp", "dotprod", "i8mm", "bf16")
+
+
+def _cpu_info() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = sorted({f for f in value.split() if f.startswith(_ISA_PREFIXES)})
+    return model, flags
+
+
+def environment() -> dict:
+    """The machine and software the numbers belong to. Versions are read without importing torch."""
+    model, flags = _cpu_info()
+    return {"cpu_model": model, "cpu_flags": flags, "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
+            "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "versions": artifacts.versions(), "onnxruntime_providers": ort.get_available_providers(),
+            "onnxruntime_device": ort.get_device(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def write_bench(result: BenchResult, path: Path) -> Path:
+    """bench.json, atomically."""
+    artifacts.atomic_write_json(Path(path), result.to_json())
+    return Path(path)
+
+
+def check_targets(targets: Sequence) -> None:
+    if not targets:
+        raise BenchError("nothing to benchmark: give --run RUN or one or more .onnx files")
+
+
+__all__ = ["BENCH_JSON", "BENCH_PNG", "BenchError", "BenchResult", "ModelFileError", "OnnxTarget", "Slot",
+           "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "run_targets", "summarize",
+           "time_interleaved", "write_bench"]
