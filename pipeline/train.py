@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.artifacts import CHECKPOINT, TRAIN_STATE, atomic_path
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from pipeline.data import Preprocess, Splits
@@ -57,6 +57,10 @@ class TrainResult:
     train_seconds: float
     stopped_early: bool
     device: str
+    world_size: int = 1
+    """Processes that trained the model together (torchrun); 1 for a single process."""
+    replica_digests: tuple[str, ...] = ()
+    """`distributed.parameter_digest` of the final weights on every rank, all equal."""
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -87,9 +91,15 @@ def to_tensors(splits: Splits, device: torch.device) -> dict[str, tuple[torch.Te
             for name, (x, y) in pairs.items()}
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the model in eval mode."""
+    loss, correct = _evaluate_sums(model, x, y)
+    return loss / len(y), correct / len(y)
+
+
+@torch.inference_mode()
+def _evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """(summed cross-entropy, correct count) of the model in eval mode."""
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
@@ -99,7 +109,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
     model.train(was_training)
-    return loss / len(y), correct / len(y)
+    return loss, correct
+
+
+def evaluate_across(model: nn.Module, x: torch.Tensor, y: torch.Tensor, world: distributed.World) -> tuple[float, float]:
+    """`evaluate` with each rank scoring every N-th image and the sums reduced across ranks."""
+    if not world.distributed:
+        return evaluate(model, x, y)
+    part = slice(world.rank, None, world.world_size)
+    loss, correct, count = distributed.all_reduce_sum((*_evaluate_sums(model, x[part], y[part]), len(y[part])), world)
+    return loss / count, correct / count
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -129,14 +148,21 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
 
     `model_config` must already match the data (see `model_config_for`). With `resume`, the
     training state saved after the last completed epoch is loaded and training continues.
+
+    Under torchrun (an open `distributed.session()`), every rank calls this: the model is wrapped
+    in DistributedDataParallel, each rank trains on its shard of every epoch, metrics are summed
+    across ranks, and only rank 0 writes files and calls `on_epoch`.
     """
-    device = resolve_device(config.device)
+    world = distributed.current()
+    device = distributed.local_device(resolve_device(config.device), world)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     tensors = to_tensors(splits, device)
     x_train, y_train = tensors["train"]
     model = DropoutCNN(model_config).to(device)
+    net = distributed.wrap(model, device, world)  # the model itself for a single process
+    batch_size = distributed.local_batch(config.batch_size, world)
     optimizer = _optimizer(model, config)
     scheduler = _schedule(optimizer, config)
     shuffle = torch.Generator().manual_seed(config.seed)
@@ -149,13 +175,15 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
     stopped_early = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(y_train), generator=shuffle).to(device)
+        net.train()
+        if world.distributed:
+            torch.manual_seed(distributed.seed_for_epoch(config.seed, epoch, world))
+        order = distributed.shard(torch.randperm(len(y_train), generator=shuffle).to(device), world)
         total_loss, correct = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            index = order[start:start + config.batch_size]
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
             inputs, target = x_train[index], y_train[index]
-            logits = model(inputs)
+            logits = net(inputs)
             loss = nn.functional.cross_entropy(logits, target)
             objective = loss + config.l1 * _l1_penalty(model) if config.l1 > 0 else loss
             optimizer.zero_grad(set_to_none=True)
@@ -165,9 +193,11 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
             correct += int((logits.argmax(1) == target).sum())
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        val_loss, val_accuracy = evaluate(model, *tensors["val"])
+        distributed.broadcast_buffers(model, world)
+        total_loss, correct, seen = distributed.all_reduce_sum((total_loss, correct, len(order)), world)
+        val_loss, val_accuracy = evaluate_across(model, *tensors["val"], world)
         seconds = time.perf_counter() - started
-        result = EpochResult(epoch, total_loss / len(order), correct / len(order), val_loss, val_accuracy, lr, seconds)
+        result = EpochResult(epoch, total_loss / seen, correct / seen, val_loss, val_accuracy, lr, seconds)
         state["history"].append(result.to_dict())
         state["seconds"] += seconds
         state["epoch"] = epoch
@@ -178,9 +208,10 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
             state["bad_epochs"] += 1
         if config.patience and state["bad_epochs"] >= config.patience:
             stopped_early = True
-        _save_train_state(run_dir / TRAIN_STATE, state, model, optimizer, scheduler, shuffle,
-                          splits.fingerprint, data_config, model_config, config, stopped_early)
-        if on_epoch is not None:
+        if world.is_main:
+            _save_train_state(run_dir / TRAIN_STATE, state, model, optimizer, scheduler, shuffle,
+                              splits.fingerprint, data_config, model_config, config, stopped_early)
+        if on_epoch is not None and world.is_main:
             on_epoch(result)
         if stopped_early:
             log.info("early stop at epoch %d: no better validation loss for %d epochs", epoch, config.patience)
@@ -189,12 +220,15 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
         stopped_early = bool(state.get("stopped_early", False))
 
     model.load_state_dict(state["best_state"])
-    test_loss, test_accuracy = evaluate(model, *tensors["test"])
+    digests = distributed.check_replicas(model, world)
+    test_loss, test_accuracy = evaluate_across(model, *tensors["test"], world)
     checkpoint = run_dir / CHECKPOINT
-    save_checkpoint(checkpoint, model, splits.preprocess, splits.labels, splits.fingerprint,
-                    data_config, config, state["best_epoch"])
+    if world.is_main:
+        save_checkpoint(checkpoint, model, splits.preprocess, splits.labels, splits.fingerprint,
+                        data_config, config, state["best_epoch"])
     return TrainResult(checkpoint, tuple(EpochResult(**h) for h in state["history"]), state["best_epoch"],
-                       test_accuracy, test_loss, state["seconds"], stopped_early, str(device))
+                       test_accuracy, test_loss, state["seconds"], stopped_early, str(device),
+                       world.world_size, digests)
 
 
 # --- training state, for --resume ------------------------------------------------------
@@ -214,7 +248,7 @@ def _save_train_state(path: Path, state: dict, model: nn.Module, optimizer, sche
 
 def _load_train_state(path: Path, model: nn.Module, optimizer, scheduler, shuffle: torch.Generator,
                       device: torch.device, fingerprint: str, model_config: ModelConfig, config: TrainConfig) -> dict:
-    payload = _torch_load(path)
+    payload = distributed.on_main(_torch_load, path)  # the run folder may exist on rank 0's machine only
     if payload.get("fingerprint") != fingerprint:
         raise CheckpointError(f"{path}: the data differs from the interrupted run's (fingerprint mismatch)")
     if payload.get("model_config") != to_dict(model_config) or payload.get("train_config") != to_dict(config):

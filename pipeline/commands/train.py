@@ -45,7 +45,10 @@ def train(
 
     The test split is held out: it is never used for training or for choosing the epoch.
     An interrupted run can be continued with --resume.
+    Under `torchrun --nproc_per_node N -m pipeline train ...` the N processes train one model
+    with DistributedDataParallel; only rank 0 writes the run folder and shows progress.
     """
+    from pipeline import distributed
     from pipeline.workflow import default_run_dir, train_run
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
@@ -59,9 +62,11 @@ def train(
                                threads=threads)
     run_dir = resume if resume is not None else (out or default_run_dir(data_config))
 
-    with EpochProgress(quiet) as progress:
+    with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress:
         result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
                            on_start=progress.start, on_epoch=progress.epoch)
+    if not world.is_main:
+        return
     metrics = result.metrics
     typer.echo(f"{run_dir}: test accuracy {100 * metrics['test_accuracy']:.2f}% "
                f"(best epoch {metrics['best_epoch']}/{metrics['epochs_run']}, "
