@@ -41,3 +41,32 @@ def plot_learning_curves(history: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_latency(records: list[dict], path: Path, title: str) -> None:
+    """p50 latency (with p90 as a band) and throughput against batch size, one line per artifact x provider x threads.
+
+    Only records with status "ok" are drawn (an unavailable provider has no line, by design).
+    """
+    plt = _pyplot()
+    lines: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            lines.setdefault(f"{r['artifact']} / {r['provider']} / {r['threads']}t", []).append(r)
+    fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in sorted(lines.items()):
+        rows = sorted(rows, key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rows]
+        p50 = [r["latency_ms"]["p50"] for r in rows]
+        (line,) = lat_ax.plot(batches, p50, marker="o", label=label)
+        lat_ax.fill_between(batches, p50, [r["latency_ms"]["p90"] for r in rows], color=line.get_color(), alpha=0.15)
+        tput_ax.plot(batches, [r["throughput_ips"] for r in rows], marker="o", color=line.get_color(), label=label)
+    lat_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency per batch (ms): p50, band to p90",
+               title="latency")
+    tput_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="throughput")
+    for ax in (lat_ax, tput_ax):
+        ax.grid(alpha=0.3, which="both")
+    if lines:
+        tput_ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    save_figure(fig, path)

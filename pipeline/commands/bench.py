@@ -1,0 +1,128 @@
+"""`pipeline bench`: options -> BenchConfig -> bench.benchmark (+ torch baseline, + dropout comparison)
+-> rich table, bench.json and bench.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.commands.options import console, int_list
+
+
+def _threads(text: str) -> tuple[int, ...] | None:
+    return None if text.strip().lower() == "auto" else int_list(text, "--threads")
+
+
+def bench(
+    files: Annotated[Optional[list[Path]], typer.Argument(help=".onnx files to time directly (default ORT settings).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run folder: time every artifact in its manifest, with its runtime settings.")] = None,
+    variants: Annotated[str, typer.Option(help="Only these artifacts of the run, comma-separated (default: all).")] = "",
+    provider: Annotated[list[str], typer.Option(help="Execution provider: cpu, cuda, tensorrt. Repeat for several.")] = ["cpu"],  # noqa: B006
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16,256",
+    threads: Annotated[str, typer.Option(help="Intra-op threads, comma-separated, or 'auto' (a probe picks 1 or all cores per batch).")] = "auto",
+    optimization_level: Annotated[Optional[str], typer.Option(help="disable, basic, extended or all for every session (default: each artifact's runtime setting).")] = None,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs after the first run (bounded by 1 s).")] = 10,
+    runs: Annotated[Optional[int], typer.Option(help="Timed runs per measurement (default: time for --duration).")] = None,
+    duration: Annotated[float, typer.Option(help="Seconds of timed runs per measurement, when --runs is not given.")] = 0.6,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the timed runs are split into.")] = 3,
+    time_limit: Annotated[float, typer.Option(help="Hard limit in seconds on one measurement's timed runs.")] = 20.0,
+    io_binding: Annotated[bool, typer.Option(help="Bind input and output once on the provider's device (OrtValues) instead of copying per run.")] = False,
+    require_provider: Annotated[bool, typer.Option(help="Fail when a requested provider is unavailable, instead of reporting it.")] = False,
+    baseline: Annotated[bool, typer.Option(help="Also time the PyTorch model (eval, inference_mode) of the run's checkpoint.")] = True,
+    compare: Annotated[Optional[Path], typer.Option(help="A run of the same architecture trained without dropout: answer what dropout costs.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json and bench.png (default: the run folder, or the first file's folder).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print bench.json to stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table; print only where bench.json went.")] = False,
+) -> None:
+    """Time ONNX Runtime sessions per artifact, provider, batch size and thread count.
+
+    Reports session creation, first run, p50/p90/p99/mean/std/min latency, throughput, the
+    coefficient of variation and the providers the session really used. A provider this
+    onnxruntime build lacks is reported as unavailable, never timed (--require-provider: an error).
+    """
+    import json
+
+    from pipeline import bench as bench_stage
+    from pipeline.config import BenchConfig
+    from pipeline.report import plot_latency
+
+    config = BenchConfig(providers=tuple(provider), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+                         threads=_threads(threads), optimization_level=optimization_level, warmup=warmup, runs=runs,
+                         duration=duration, rounds=rounds, time_limit=time_limit, io_binding=io_binding,
+                         require_provider=require_provider, baseline=baseline)
+    if run is not None and files:
+        raise ValueError("give either --run RUN or .onnx files, not both")
+    targets = (bench_stage.run_targets(run, int_list_names(variants)) if run is not None
+               else bench_stage.file_targets(files or []))
+    bench_stage.check_targets(targets)
+    if run is not None and baseline:
+        from pipeline.baseline import run_baseline
+
+        torch_target = run_baseline(run)
+        if torch_target is not None:
+            targets.append(torch_target)
+    folder = out or (run if run is not None else Path(files[0]).parent)
+
+    with console.status("bench") as status:
+        result = bench_stage.benchmark(targets, config, on_group=lambda g: status.update(f"bench: {g}"))
+        if compare is not None:
+            from pipeline import dropout_cost
+
+            if run is None:
+                raise ValueError("--compare needs --run (the run trained with dropout)")
+            status.update(f"bench: dropout comparison against {compare}")
+            result.extra["dropout"] = dropout_cost.compare(run, compare, config)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = bench_stage.write_bench(result, folder / bench_stage.BENCH_JSON)
+    png_path = folder / bench_stage.BENCH_PNG
+    plot_latency(result.records, png_path, f"{run or 'files'}: ONNX Runtime {result.environment['versions']['onnxruntime']}, "
+                                           f"{result.environment['cpu_model']}")
+    if json_out:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    if not quiet:
+        _show(result)
+    console.print(f"wrote {json_path} and {png_path} ({result.seconds:.1f} s)")
+
+
+def int_list_names(text: str) -> list[str]:
+    return [part for part in text.replace(" ", "").split(",") if part]
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _show(result) -> None:
+    from rich.table import Table
+
+    env = result.environment
+    load = f", load {env['load_average'][0]:.1f}" if env.get("load_average") else ""
+    table = Table(title=f"{env['cpu_model']}, {env['usable_cores']} cores, onnxruntime {env['versions']['onnxruntime']}, "
+                        f"torch {env['versions']['torch']}{load} (times in ms)")
+    for column in ("artifact", "prov", "batch", "thr", "create", "first", "p50", "p90", "p99", "mean", "min", "cv",
+                   "img/s", "vs torch", "ran on"):
+        table.add_column(column, justify="left" if column in ("artifact", "prov", "ran on") else "right")
+    for r in result.records:
+        if r["status"] != "ok":
+            continue
+        lat = r["latency_ms"]
+        speedup = f"{r['speedup_vs_torch']:.1f}x" if "speedup_vs_torch" in r else ""
+        table.add_row(r["artifact"], r["provider"], str(r["batch"]), f"{r['threads']}", _ms(r["session_create_ms"]),
+                      _ms(r["first_run_ms"]), _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["mean"]),
+                      _ms(lat["min"]), f"{r['cv']:.2f}", f"{r['throughput_ips']:,.0f}", speedup,
+                      ",".join(p.replace("ExecutionProvider", "") for p in r["session_providers"]))
+    console.print(table)
+    unavailable = {}
+    for r in result.records:
+        if r["status"] != "ok":
+            unavailable.setdefault((r["provider"], r["status"], r["reason"]), []).append(f"{r['artifact']}@{r['batch']}")
+    for (name, status, reason), which in unavailable.items():
+        console.print(f"[yellow]{name}: {status}, not timed[/] ({', '.join(which)}): {reason}")
+    for choice in result.thread_choices:
+        console.print(f"threads at {choice['provider']} batch {choice['batch']}: {choice['chosen']} "
+                      f"({choice['by']}; p50 ms by threads {choice.get('candidates_p50_ms')})")
+    dropout = result.extra.get("dropout")
+    if dropout:
+        console.print(f"[bold]dropout compute question[/]: {dropout['answer']}")
