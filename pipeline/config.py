@@ -281,3 +281,37 @@ class BenchConfig:
         _require(self.duration > 0, f"duration must be > 0 seconds, got {self.duration}")
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _require(self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}")
+
+
+OPSET_RANGE = (17, 23)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a checkpoint becomes the shipped fp32 `model.onnx`, and how hard it is checked."""
+
+    opset: int = 18
+    """ONNX opset of the exported file. Default 18: the opset torch's dynamo exporter emits natively
+    (lower ones go through onnx's version converter) and one that ONNX Runtime >= 1.14 runs."""
+    tolerance: float = 1e-4
+    """Largest max-abs difference of logits allowed between ONNX Runtime and PyTorch eval() (and the reference evaluator)."""
+    parity_batch_sizes: tuple[int, ...] = (1, 7, 256)
+    """Batch sizes of real validation images the parity check runs (1, an odd one, a large one)."""
+    determinism_repeats: int = 3
+    """Runs of the same batch under ORT_DISABLE_ALL that must give bit-identical outputs."""
+    reference_images: int = 8
+    """Validation images run through onnx.reference.ReferenceEvaluator (slow pure-Python, so few)."""
+    simplify_checks: int = 3
+    """Random-input checks onnxsim runs on its own result (its `check_n`); its verdict must be True."""
+    skip_simplify: bool = False
+    """Ship the raw export without onnxsim (only when the user asks: a failing onnxsim otherwise stops the export)."""
+
+    def __post_init__(self) -> None:
+        low, high = OPSET_RANGE
+        _require(low <= self.opset <= high, f"opset must be in {low}..{high}, got {self.opset}")
+        _require(0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance}")
+        _require(len(self.parity_batch_sizes) >= 1 and all(b >= 1 for b in self.parity_batch_sizes),
+                 f"parity batch sizes must be one or more positive integers, got {self.parity_batch_sizes}")
+        _require(self.determinism_repeats >= 2, f"determinism repeats must be >= 2, got {self.determinism_repeats}")
+        _require(self.reference_images >= 1, f"reference images must be >= 1, got {self.reference_images}")
+        _require(self.simplify_checks >= 1, f"simplify checks must be >= 1 (onnxsim checks nothing with 0), got {self.simplify_checks}")

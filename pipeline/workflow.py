@@ -7,6 +7,7 @@ the first manifest. The CLI's `train`, `run` and `study` all go through it.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +120,228 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
     artifacts.finish_run(staging, out)
     return TrainRun(Path(out), metrics, manifest)
 
+
+# --- export: checkpoint -> the shipped fp32 model.onnx, with its proof --------------------
+
+FP32_FILE = "model.onnx"
+FP32_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    run_dir: Path
+    model_path: Path
+    record: dict
+    """The manifest's artifacts["fp32"] record as written."""
+    export: dict
+    """The manifest's "export" section: histograms and node counts before/after simplification."""
+    dropped: tuple[str, ...]
+    """Artifact records derived from the previous fp32 model, removed because they no longer match it."""
+
+
+def export_run(run_dir: Path, config, checkpoint: Path | None = None,
+               on_step: Callable[[str], None] | None = None) -> ExportRun:
+    """Export the run's checkpoint to `model.onnx`, proving on the way that dropout is gone.
+
+    raw export -> audit + parity on the raw graph (before any optimizer could hide an active
+    Dropout) -> onnxsim (its check consumed) -> audit + parity + ReferenceEvaluator on the
+    simplified model -> ONNX Runtime test accuracy and disagreements with PyTorch -> model.onnx
+    written atomically -> manifest artifacts["fp32"] and "export". Any failed check raises a
+    typed error before anything is written. The raw export is kept in memory only: it is never
+    a shippable file. `config` is an `ExportConfig`.
+    """
+    import time
+
+    from pipeline import export, simplify, train, verify
+    from pipeline.onnxfile import load_model, op_histogram
+
+    step = on_step or (lambda name: None)
+    run_dir = Path(run_dir)
+    manifest = artifacts.read_manifest(run_dir)
+    _check_writable(run_dir)
+    checkpoint = Path(checkpoint) if checkpoint is not None else run_dir / artifacts.CHECKPOINT
+    step("load checkpoint and data")
+    model, payload = train.load_checkpoint(checkpoint)
+    _check_checkpoint_matches_run(manifest, payload, checkpoint)
+    x_val, x_test, y_test = _preprocessed_splits(manifest, payload)
+    input_shape = (model.config.in_channels, model.config.height, model.config.width)
+    seconds = {}
+
+    started = time.perf_counter()
+    step("export to ONNX (raw)")
+    raw = export.export_module(model.eval(), input_shape, config.opset)
+    twin_raw = export.export_module(_dropout_free_twin(model).eval(), input_shape, config.opset)
+    seconds["export"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    step("audit the raw export")
+    raw_check = verify.verify_model(raw, model, x_val, config.tolerance, config.parity_batch_sizes,
+                                    config.determinism_repeats, twin_histogram=op_histogram(twin_raw))
+    verify.raise_for_failures(raw_check, "raw export")
+    seconds["audit_raw"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if config.skip_simplify:
+        shipped, twin_shipped, simplify_report = raw, twin_raw, None
+    else:
+        step("simplify with onnxsim")
+        shipped, simplify_report = simplify.simplify_model(raw, config.simplify_checks)
+        twin_shipped, _ = simplify.simplify_model(twin_raw, config.simplify_checks)
+    seconds["simplify"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    step("verify the model to ship")
+    final_check = verify.verify_model(shipped, model, x_val, config.tolerance, config.parity_batch_sizes,
+                                      config.determinism_repeats, twin_histogram=op_histogram(twin_shipped),
+                                      reference_images=config.reference_images, optimized_runtime=FP32_RUNTIME)
+    verify.raise_for_failures(final_check, "simplified model" if simplify_report else "exported model")
+    seconds["verify"] = time.perf_counter() - started
+
+    step("test accuracy through ONNX Runtime")
+    accuracy = _ort_vs_torch_accuracy(shipped, model, x_test, y_test)
+
+    checkpoint_sha = artifacts.sha256_file(checkpoint)
+    export.strip_node_metadata(shipped)
+    export.set_metadata(shipped, {
+        "labels": json.dumps(manifest["labels"]), "preprocess": json.dumps(manifest["preprocess"]),
+        "source_checkpoint_sha256": checkpoint_sha, "pipeline_version": artifacts.versions()["pipeline"],
+        "pipeline.variant": "fp32",
+    })
+
+    step("write model.onnx")
+    target = run_dir / FP32_FILE
+    try:
+        with artifacts.atomic_path(target) as tmp:
+            export.save(shipped, tmp)
+            written = load_model(tmp)  # the checker and the one-file rule, on the bytes that ship
+            sha256, size = artifacts.sha256_file(tmp), tmp.stat().st_size
+    except OSError as exc:
+        raise artifacts.RunFolderError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+    record = _fp32_record(written, sha256, size, accuracy, raw_check, final_check, simplify_report,
+                          checkpoint, checkpoint_sha, config)
+    export_section = {
+        "created": artifacts.now_iso(), "config": to_dict(config),
+        "checkpoint": _relative(checkpoint, run_dir), "checkpoint_sha256": checkpoint_sha,
+        "raw_export": "kept in memory only and never shipped; audited before simplification",
+        "simplified": simplify_report is not None,
+        "nodes": {"raw": len(raw.graph.node), "shipped": len(written.graph.node)},
+        "op_histogram": {"raw": op_histogram(raw), "shipped": op_histogram(written)},
+        "twin_op_histogram": {"raw": op_histogram(twin_raw), "shipped": op_histogram(twin_shipped)},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "versions": artifacts.versions(),
+    }
+    dropped: list[str] = []
+
+    def change(m: dict) -> None:
+        dropped.extend(_derived_from(m.get("artifacts", {}), "fp32"))
+        for name in dropped:
+            m["artifacts"].pop(name, None)
+        m.setdefault("artifacts", {})["fp32"] = record
+        m["export"] = export_section
+        if m.get("recommended") not in m["artifacts"]:
+            m["recommended"] = "fp32"
+
+    artifacts.update_manifest(run_dir, change)
+    return ExportRun(run_dir, target, record, export_section, tuple(dropped))
+
+
+def _check_writable(run_dir: Path) -> None:
+    import os
+
+    if not os.access(run_dir, os.W_OK):
+        raise artifacts.RunFolderError(f"{run_dir}: the run folder is not writable")
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _check_checkpoint_matches_run(manifest: dict, payload: dict, checkpoint: Path) -> None:
+    """A checkpoint from another run (other labels, preprocessing, architecture or data) must not be shipped under this one."""
+    from pipeline.errors import CheckpointError
+
+    mismatched = [what for what, ours, theirs in (
+        ("labels", manifest.get("labels"), payload.get("labels")),
+        ("preprocess", manifest.get("preprocess"), payload.get("preprocess")),
+        ("model config", manifest.get("model", {}).get("config"), payload.get("model_config")),
+        ("data fingerprint", manifest.get("dataset", {}).get("fingerprint"), payload.get("data_fingerprint")),
+    ) if json.dumps(ours, sort_keys=True) != json.dumps(theirs, sort_keys=True)]
+    if mismatched:
+        raise CheckpointError(f"{checkpoint}: does not belong to this run: its {', '.join(mismatched)} differ from the manifest's")
+
+
+def _data_config_from(saved: dict) -> DataConfig:
+    return DataConfig(**{**saved, "data_dir": Path(saved["data_dir"]) if saved.get("data_dir") else None,
+                         "image_size": tuple(saved["image_size"]) if saved.get("image_size") else None})
+
+
+def _preprocessed_splits(manifest: dict, payload: dict):
+    """(validation inputs, test inputs, test labels), preprocessed as the manifest says; the data must be what the model saw."""
+    from pipeline import data
+    from pipeline.errors import DataError
+
+    splits = data.load(_data_config_from(payload["data_config"]))
+    if splits.fingerprint != payload.get("data_fingerprint"):
+        raise DataError(f"the data at {payload['data_config'].get('data_dir') or splits.source} changed since training "
+                        "(fingerprint mismatch): the test accuracy would not be comparable")
+    preprocess = data.Preprocess.from_dict(manifest["preprocess"])
+    return preprocess.apply(splits.x_val), preprocess.apply(splits.x_test), splits.y_test
+
+
+def _dropout_free_twin(model):
+    """The same architecture with dropout 0: its graph is what an inference graph must look like."""
+    from pipeline.model import DropoutCNN
+
+    twin_config = ModelConfig(**{**to_dict(model.config), "conv_channels": model.config.conv_channels,
+                                 "fc_units": model.config.fc_units, "dropout": 0.0, "spatial_dropout": 0.0})
+    return DropoutCNN(twin_config)
+
+
+def _ort_vs_torch_accuracy(proto, model, x_test, y_test) -> dict:
+    import numpy as np
+
+    from pipeline.runtime import create_session, run_batched
+    from pipeline.train import predictions
+
+    session = create_session(proto.SerializeToString(), runtime=FP32_RUNTIME)
+    ort_pred = run_batched(session, x_test).argmax(1)
+    torch_pred = predictions(model, x_test)
+    return {"ort": float(np.mean(ort_pred == y_test)), "torch": float(np.mean(torch_pred == y_test)),
+            "differing_predictions": int(np.sum(ort_pred != torch_pred)), "test_images": int(len(y_test))}
+
+
+def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, final_check, simplify_report,
+                 checkpoint: Path, checkpoint_sha: str, config) -> dict:
+    from pipeline.onnxfile import io_signature, opset
+
+    signature = io_signature(written)
+    return {
+        "file": FP32_FILE, "kind": "fp32", "parent": None, "sha256": sha256, "bytes": size,
+        "opset": opset(written), "ir_version": written.ir_version,
+        "input": signature["inputs"][0], "output": signature["outputs"][0],
+        "test_accuracy": accuracy["ort"], "runtime": dict(FP32_RUNTIME),
+        "verification": {
+            "passed": True, "tolerance": config.tolerance,
+            "torch_test_accuracy": accuracy["torch"], "ort_test_accuracy": accuracy["ort"],
+            "differing_predictions": accuracy["differing_predictions"], "test_images": accuracy["test_images"],
+            "max_abs_diff": max(v for v in (raw_check.max_abs_diff, final_check.max_abs_diff) if v is not None),
+            "raw": raw_check.to_dict(), "shipped": final_check.to_dict(),
+            "simplify": simplify_report.to_dict() if simplify_report else {"skipped": True},
+            "source_checkpoint_sha256": checkpoint_sha,
+        },
+    }
+
+
+def _derived_from(records: dict, root: str) -> list[str]:
+    """Names of the artifact records whose parent chain reaches `root`."""
+    def reaches(name: str, seen: frozenset = frozenset()) -> bool:
+        parent = records.get(name, {}).get("parent")
+        if parent is None or parent in seen:
+            return False
+        return parent == root or reaches(parent, seen | {name})
+
+    return [name for name in records if name != root and reaches(name)]

@@ -37,3 +37,24 @@ def tiny_run(tiny_run_master, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(tiny_run_master, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def exported_run_master(tiny_run_master, tmp_path_factory) -> Path:
+    """A copy of the tiny run with `export_run` applied (model.onnx + manifest artifacts["fp32"]).
+    Made once per session. Do not modify it."""
+    from pipeline.config import ExportConfig
+    from pipeline.workflow import export_run
+
+    out = tmp_path_factory.mktemp("exported") / "digits"
+    shutil.copytree(tiny_run_master, out)
+    export_run(out, ExportConfig())
+    return out
+
+
+@pytest.fixture
+def exported_run(exported_run_master, tmp_path) -> Path:
+    """A private copy of the exported run, free to modify."""
+    copy = tmp_path / "exported"
+    shutil.copytree(exported_run_master, copy)
+    return copy
