@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import platform
 import time
@@ -231,10 +230,15 @@ def time_interleaved(slots: Sequence[Slot], config: BenchConfig) -> None:
     """Warm up every slot, then time them in `config.rounds` interleaved rounds (order reversed on odd rounds)."""
     for slot in slots:
         _warm(slot, config)
-    per_round_runs = math.ceil(config.runs / config.rounds) if config.runs else None
     per_round_seconds = config.duration / config.rounds
     clock = time.perf_counter_ns
     for round_index in range(config.rounds):
+        # `runs` spread over the rounds exactly (7 runs in 3 rounds: 3, 2, 2); a round may get none.
+        per_round_runs = None
+        if config.runs:
+            per_round_runs = config.runs // config.rounds + (round_index < config.runs % config.rounds)
+            if per_round_runs == 0:
+                continue
         for slot in (slots if round_index % 2 == 0 else list(reversed(slots))):
             if slot.timed_seconds >= config.time_limit:
                 continue
@@ -333,8 +337,9 @@ def _probe_threads(target: OnnxTarget, provider: str, batch: int, config: BenchC
     time_interleaved(list(slots.values()), probe)
     p50 = {t: summarize(s.latencies_ns, batch)["latency_ms"]["p50"] for t, s in slots.items()}
     chosen = min(p50, key=p50.get)
-    return {"provider": provider, "batch": batch, "artifact": target.name, "candidates_p50_ms": {str(t): v for t, v in p50.items()},
-            "chosen": chosen, "by": f"probe ({PROBE_SECONDS:.1f} s, interleaved): the lower p50"}
+    return {"provider": provider, "batch": batch, "artifact": target.name,
+            "candidates_p50_ms": {str(t): v for t, v in p50.items()}, "chosen": chosen,
+            "by": f"probe ({PROBE_SECONDS:.1f} s, interleaved): the lower p50"}
 
 
 def _thread_plan(targets, provider: str, batch: int, config: BenchConfig, cores: int) -> tuple[list[int], str, dict | None]:
@@ -469,6 +474,44 @@ def environment() -> dict:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
+# The bench.json contract (schema 1; README "bench.json"). `schema_problems` is what tests and
+# downstream readers check a file against.
+TOP_KEYS = ("schema", "created", "config", "environment", "targets", "thread_choices", "records", "summary", "seconds")
+ENVIRONMENT_KEYS = ("cpu_model", "cpu_flags", "logical_cores", "usable_cores", "platform", "python", "versions",
+                    "onnxruntime_providers")
+VERSION_KEYS = ("torch", "onnx", "onnxruntime")
+RECORD_KEYS = ("artifact", "kind", "engine", "provider", "provider_name", "batch", "threads", "threads_source", "status",
+               "reason")
+TIMED_KEYS = ("session_providers", "session_create_ms", "first_run_ms", "optimization_level", "io_binding", "warmup_runs",
+              "runs", "stopped_by", "latency_ms", "cv", "throughput_ips")
+LATENCY_KEYS = ("p50", "p90", "p99", "mean", "std", "min", "max")
+STATUSES = ("ok", "unavailable", "failed")
+
+
+def schema_problems(doc: dict) -> list[str]:
+    """Everything in a bench.json document that breaks the schema; [] when it conforms."""
+    problems = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in doc]
+    if doc.get("schema") != BENCH_SCHEMA:
+        problems.append(f"schema is {doc.get('schema')!r}, expected {BENCH_SCHEMA}")
+    env = doc.get("environment", {})
+    problems += [f"environment lacks {k!r}" for k in ENVIRONMENT_KEYS if k not in env]
+    problems += [f"environment.versions lacks {k!r}" for k in VERSION_KEYS if k not in env.get("versions", {})]
+    for i, r in enumerate(doc.get("records", [])):
+        where = f"records[{i}] ({r.get('artifact')}, {r.get('provider')}, batch {r.get('batch')})"
+        problems += [f"{where} lacks {k!r}" for k in RECORD_KEYS if k not in r]
+        if r.get("status") not in STATUSES:
+            problems.append(f"{where} has status {r.get('status')!r}")
+        elif r["status"] == "ok":
+            problems += [f"{where} lacks {k!r}" for k in TIMED_KEYS if k not in r]
+            problems += [f"{where} lacks latency_ms.{k}" for k in LATENCY_KEYS if k not in r.get("latency_ms", {})]
+        else:
+            if not r.get("reason"):
+                problems.append(f"{where} is {r['status']} without a reason")
+            if "latency_ms" in r:
+                problems.append(f"{where} is {r['status']} but carries timings")
+    return problems
+
+
 def write_bench(result: BenchResult, path: Path) -> Path:
     """bench.json, atomically."""
     artifacts.atomic_write_json(Path(path), result.to_json())
@@ -481,5 +524,5 @@ def check_targets(targets: Sequence) -> None:
 
 
 __all__ = ["BENCH_JSON", "BENCH_PNG", "BenchError", "BenchResult", "ModelFileError", "OnnxTarget", "Slot",
-           "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "run_targets", "summarize",
-           "time_interleaved", "write_bench"]
+           "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "run_targets", "schema_problems",
+           "summarize", "time_interleaved", "write_bench"]

@@ -91,6 +91,9 @@ def _register() -> None:
     from pipeline.commands import pack as pack_command
 
     app.command("pack")(guarded(pack_command.pack))
+    from pipeline.commands import quantize as quantize_command
+
+    app.command("quantize")(guarded(quantize_command.quantize))
     from pipeline.commands import bench as bench_command
 
     app.command("bench")(guarded(bench_command.bench))

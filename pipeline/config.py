@@ -315,3 +315,135 @@ class ExportConfig:
         _require(self.determinism_repeats >= 2, f"determinism repeats must be >= 2, got {self.determinism_repeats}")
         _require(self.reference_images >= 1, f"reference images must be >= 1, got {self.reference_images}")
         _require(self.simplify_checks >= 1, f"simplify checks must be >= 1 (onnxsim checks nothing with 0), got {self.simplify_checks}")
+
+
+QUANT_MODES = ("static", "dynamic")
+QUANT_FORMATS = ("qdq", "qoperator")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANT_TYPES = ("int8", "uint8")
+QUANT_ORT_LEVELS = ("disable", "basic", "extended", "all")  # pipeline.runtime.LEVELS, without importing onnxruntime
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How the fp32 ONNX model becomes int8 with onnxruntime.quantization, and the gate it must pass.
+
+    Defaults were chosen by measurement on this CPU (README, "Quantization"): static QDQ, signed
+    int8 activations and weights (S8S8), per-tensor weights, MinMax calibration on 256 training images.
+    """
+
+    mode: str = "static"
+    """`static` (activations calibrated on training images) or `dynamic` (activation ranges computed per batch at run time)."""
+    format: str = "qdq"
+    """Static models only: `qdq` (QuantizeLinear/DequantizeLinear pairs around float ops) or `qoperator` (QLinearConv, ...)."""
+    method: str = "minmax"
+    """Calibration: `minmax`, `entropy` (KL divergence) or `percentile` (see `percentile`)."""
+    per_channel: bool = False
+    """One weight scale per output channel instead of one per tensor (per-tensor by default: as fast and as
+    accurate on the models measured, and the per-channel scales push a small model's file past 30% of fp32)."""
+    activation_type: str = "int8"
+    """Activation type, `int8` or `uint8` (static models; dynamic ones are always uint8)."""
+    weight_type: str = "int8"
+    """Weight type, `int8` or `uint8`."""
+    reduce_range: bool = False
+    """Quantize weights to 7 bits (for CPUs without VNNI, where 8-bit products can saturate)."""
+    calibration_samples: int = 256
+    """Training images the calibration sees, drawn with `seed` (stratification is not needed: they only set ranges)."""
+    calibration_batch: int = 16
+    """Images per calibration batch."""
+    seed: int = 0
+    """Seed of the calibration and sensitivity samples; the same seed gives the same file."""
+    percentile: float = 99.999
+    """Percentile of |activations| kept by the `percentile` method."""
+    op_types: tuple[str, ...] = ()
+    """Op types to quantize (e.g. Conv, Gemm); empty: every op type onnxruntime can quantize."""
+    nodes_to_exclude: tuple[str, ...] = ()
+    """Node names (of the pre-processed model) kept in fp32 from the start."""
+    keep_first_conv_fp32: bool = False
+    """Keep the first Conv in fp32 (its input has few channels, so int8 gains little there and loses the most)."""
+    keep_last_layer_fp32: bool = False
+    """Keep the last Gemm/MatMul (the classifier) in fp32."""
+    pre_process: bool = True
+    """Run `onnxruntime.quantization.quant_pre_process` (shape inference, graph optimization) first."""
+    extra_options: dict = dataclasses.field(default_factory=dict)
+    """Passed to onnxruntime's `extra_options` as they are (e.g. {"ActivationSymmetric": True})."""
+    graph_optimization_level: str = "all"
+    """ORT graph optimization level every consumer of the int8 file must use (recorded in the artifact's `runtime`)."""
+    disabled_optimizers: tuple[str, ...] = ()
+    """ORT optimizers to disable when running the int8 file (e.g. QDQPropagationTransformer), recorded in `runtime`."""
+    max_accuracy_drop: float = 0.5
+    """Largest test accuracy drop in percentage points (fp32 minus int8, both through ONNX Runtime) that may ship."""
+    min_agreement: float | None = None
+    """Smallest share of test images on which int8 and fp32 must predict the same class; None: recorded, not gated."""
+    max_excluded_nodes: int = 1
+    """When the gate fails, keep up to this many of the most sensitive nodes in fp32, one at a time; 0: fail at once.
+    Small on purpose: with every weighted node in fp32 any calibration "passes", broken or not."""
+    sensitivity_samples: int = 64
+    """Training images (drawn with `seed`, apart from the calibration draw) on which per-node sensitivity is measured."""
+    speed_check: bool = True
+    """Time int8 against fp32 on this host (batch 1 and `speed_batch`) and record the ratios."""
+    speed_batch: int = 256
+    """The large batch of the speed check."""
+    speed_seconds: float = 0.2
+    """Seconds of timed runs per model, batch and round of the speed check."""
+    speed_rounds: int = 3
+    """Rounds of the speed check, interleaved between fp32 and int8 so that load drifts hit both."""
+    speed_tolerance: float = 0.05
+    """int8 counts as slower than fp32 when its latency ratio exceeds 1 + this (timing noise on a shared CPU)."""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads for the speed check; None: onnxruntime's default (all cores)."""
+    variant: str | None = None
+    """Artifact name; None: `int8` for static, `int8_dynamic` for dynamic. The file is `model.<variant>.onnx`."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in QUANT_MODES, f"unknown quantization mode {self.mode!r}: choose one of {', '.join(QUANT_MODES)}")
+        _require(self.format in QUANT_FORMATS, f"unknown quantization format {self.format!r}: choose one of {', '.join(QUANT_FORMATS)}")
+        _require(self.method in CALIBRATION_METHODS,
+                 f"unknown calibration method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+        for name in ("activation_type", "weight_type"):
+            value = getattr(self, name)
+            _require(value in QUANT_TYPES, f"unknown {name.replace('_', ' ')} {value!r}: choose one of {', '.join(QUANT_TYPES)}")
+        _require(self.calibration_samples >= 1, f"calibration samples must be >= 1, got {self.calibration_samples}")
+        _require(self.calibration_batch >= 1, f"calibration batch must be >= 1, got {self.calibration_batch}")
+        _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _require(50.0 < self.percentile <= 100.0, f"percentile must be in (50, 100], got {self.percentile}")
+        _require(self.graph_optimization_level in QUANT_ORT_LEVELS,
+                 f"unknown graph optimization level {self.graph_optimization_level!r}: choose one of {', '.join(QUANT_ORT_LEVELS)}")
+        _require(0.0 <= self.max_accuracy_drop <= 100.0, f"max accuracy drop must be in [0, 100] points, got {self.max_accuracy_drop}")
+        _require(self.min_agreement is None or 0.0 <= self.min_agreement <= 1.0,
+                 f"min agreement must be in [0, 1], got {self.min_agreement}")
+        _require(self.max_excluded_nodes >= 0, f"max excluded nodes must be >= 0, got {self.max_excluded_nodes}")
+        _require(self.sensitivity_samples >= 1, f"sensitivity samples must be >= 1, got {self.sensitivity_samples}")
+        _require(self.speed_batch >= 2, f"speed batch must be >= 2, got {self.speed_batch}")
+        _require(self.speed_seconds > 0, f"speed seconds must be > 0, got {self.speed_seconds}")
+        _require(self.speed_rounds >= 1, f"speed rounds must be >= 1, got {self.speed_rounds}")
+        _require(self.speed_tolerance >= 0, f"speed tolerance must be >= 0, got {self.speed_tolerance}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.variant is None or (self.variant.replace("_", "").isalnum() and self.variant not in ("fp32", "fp16")),
+                 f"variant must be a name of letters, digits and '_' other than fp32/fp16, got {self.variant!r}")
+
+    @property
+    def artifact(self) -> str:
+        """The artifact (variant) name this config writes."""
+        return self.variant or ("int8" if self.mode == "static" else "int8_dynamic")
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    """How the fp32 ONNX model becomes an fp16 one (for GPU targets), and the checks it must pass."""
+
+    keep_io_types: bool = True
+    """Keep float32 inputs and outputs (Casts inside), so the manifest's preprocessing and consumers stay as they are."""
+    op_block_list: tuple[str, ...] = ()
+    """Op types kept in fp32 (besides the converter's own default list)."""
+    tolerance: float = 1e-2
+    """Largest max-abs logit difference from fp32, relative to the largest fp32 logit magnitude."""
+    max_accuracy_drop: float = 0.5
+    """Largest test accuracy drop in percentage points against fp32 (both through ONNX Runtime)."""
+    provider: str = "cpu"
+    """Execution provider the checks run on: `cpu` (always there) or `cuda`."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.tolerance < 1, f"fp16 tolerance must be in (0, 1), got {self.tolerance}")
+        _require(0.0 <= self.max_accuracy_drop <= 100.0, f"max accuracy drop must be in [0, 100] points, got {self.max_accuracy_drop}")
+        _require(self.provider in ("cpu", "cuda"), f"fp16 checks run on cpu or cuda, got {self.provider!r}")

@@ -73,7 +73,7 @@ def _latency_verdicts(records: list[dict], name_a: str, name_b: str) -> list[dic
         if name != name_a or rb is None:
             continue
         ratio = ra["latency_ms"]["p50"] / rb["latency_ms"]["p50"]
-        per_round = [x / y for x, y in zip(ra["round_p50_ms"], rb["round_p50_ms"])]
+        per_round = [x / y for x, y in zip(ra["round_p50_ms"], rb["round_p50_ms"], strict=True)]
         spread = max(abs(r - ratio) for r in per_round) if per_round else 0.0
         tolerance = max(spread, NOISE_FLOOR)
         verdicts.append({"batch": batch, "threads": threads, "p50_ms_with": ra["latency_ms"]["p50"],

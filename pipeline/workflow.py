@@ -345,3 +345,199 @@ def _derived_from(records: dict, root: str) -> list[str]:
         return parent == root or reaches(parent, seen | {name})
 
     return [name for name in records if name != root and reaches(name)]
+
+
+# --- quantize: int8 (and fp16) variants of the exported fp32 model --------------------------
+
+
+@dataclass(frozen=True)
+class QuantizeRun:
+    run_dir: Path
+    variant: str
+    """The int8 artifact written (`int8`, `int8_dynamic`, ...)."""
+    record: dict
+    """Its manifest record as written."""
+    fp16_record: dict | None
+    recommended: str
+    recommended_reason: str
+    variants: list
+    """The manifest's "variants" table: one row per artifact (size, accuracy, agreement, latency ratios)."""
+    warnings: tuple[str, ...]
+    """Loud ones for the terminal (int8 slower than fp32 on this host, ...)."""
+
+
+def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
+                 on_step: Callable[[str], None] | None = None) -> QuantizeRun:
+    """Build `model.<variant>.onnx` (int8) from the run's fp32 artifact, gated on test accuracy, and record it.
+
+    fp32 file (sha256 checked against the manifest) -> calibration sample of the training split
+    -> `quantize.quantize_gated` (writes the file only when it passes) -> speed check against
+    fp32 on this host -> optional fp16 variant -> manifest records, the "variants" table and
+    `recommended` (int8 only when it is not slower than fp32 here). `config` is a
+    `QuantizeConfig`, `fp16_config` an `Fp16Config` or None. `calibration` overrides the
+    calibration images (preprocessed N x C x H x W float32), e.g. a user's representative set.
+    Imports no torch.
+    """
+    import numpy as np
+
+    from pipeline import data, quantize
+    from pipeline.errors import DataError
+
+    step = on_step or (lambda name: None)
+    run_dir = Path(run_dir)
+    manifest = artifacts.read_manifest(run_dir)
+    _check_writable(run_dir)
+    fp32 = manifest.get("artifacts", {}).get("fp32")
+    if not fp32:
+        raise artifacts.RunFolderError(f"{run_dir}: no fp32 artifact in the manifest: run `pipeline export {run_dir}` first")
+    fp32_path = run_dir / fp32["file"]
+    if not fp32_path.is_file() or artifacts.sha256_file(fp32_path) != fp32.get("sha256"):
+        raise artifacts.RunFolderError(f"{fp32_path}: missing or not the file the manifest records (sha256 differs): "
+                                       f"re-run `pipeline export {run_dir}`")
+    fp32_runtime = fp32.get("runtime") or dict(FP32_RUNTIME)
+
+    step("load data")
+    splits = data.load(_data_config_from(manifest["dataset"]["config"]))
+    if splits.fingerprint != manifest["dataset"].get("fingerprint"):
+        raise DataError(f"the data of {run_dir} ({splits.source}) changed since training (fingerprint mismatch): "
+                        "calibration and test accuracy would not be comparable")
+    preprocess = data.Preprocess.from_dict(manifest["preprocess"])
+    x_train, x_test = preprocess.apply(splits.x_train), preprocess.apply(splits.x_test)
+    if calibration is None:
+        calibration = quantize.sample_images(x_train, config.calibration_samples, config.seed)
+        calibration_source = f"training split, {len(calibration)} of {len(x_train)} images, seed {config.seed}"
+    else:
+        calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+        calibration_source = f"given by the caller, {len(calibration)} images"
+    probe = quantize.sample_images(x_train, config.sensitivity_samples, config.seed + 1)
+
+    variant = config.artifact
+    target = run_dir / f"model.{variant}.onnx"
+    step(f"quantize ({config.mode}{'' if config.mode == 'dynamic' else ' ' + config.format}, {config.method}) and gate")
+    result = quantize.quantize_gated(fp32_path, target, config, calibration if config.mode == "static" else None,
+                                     probe, x_test, splits.y_test, fp32_runtime)
+    warnings: list[str] = []
+    models = {"fp32": (fp32_path, fp32_runtime), variant: (target, result.runtime)}
+
+    fp16_result = None
+    if fp16_config is not None:
+        step("fp16 variant")
+        fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_test, splits.y_test, fp32_runtime)
+        models["fp16"] = (fp16_result.path, fp16_result.runtime)
+
+    speed = None
+    if config.speed_check:
+        step("speed check against fp32 on this host")
+        speed = quantize.speed_check(models, x_test, config)
+        for name in models:
+            if name == "fp32":
+                continue
+            slower = quantize.slower_batches(speed, name, config.speed_tolerance)
+            if slower and name != "fp16":
+                warnings.append(f"{name} is SLOWER than fp32 on this host: "
+                                + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
+                                + f" (threads {config.threads or 'default'}); fp32 stays recommended")
+
+    record = _derived_record(result.path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime)
+    record["quantization"] = {**quantize.config_record(config), "calibration_source": calibration_source,
+                              "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded)}
+    record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
+    record["latency"] = _latency_for(speed, variant)
+    records = {variant: record}
+    if fp16_result is not None:
+        fp16_record = _derived_record(fp16_result.path, "fp16", "fp32", fp32, fp16_result.accuracy, fp16_result.agreement,
+                                      fp16_result.runtime)
+        fp16_record["target"] = "gpu (checked on " + fp16_result.config.provider + ")"
+        fp16_record["fp16"] = to_dict(fp16_result.config)
+        fp16_record["verification"] = fp16_result.verification()
+        fp16_record["latency"] = _latency_for(speed, "fp16")
+        records["fp16"] = fp16_record
+    if speed is not None:
+        for name, entry in records.items():
+            entry["latency"]["host"] = _host()
+
+    outcome: dict = {}
+
+    def change(m: dict) -> None:
+        m.setdefault("artifacts", {}).update(records)
+        m["recommended"], m["recommended_reason"] = _recommend(m["artifacts"], config.speed_tolerance)
+        m["variants"] = _variants_table(m["artifacts"])
+        outcome.update(recommended=m["recommended"], reason=m["recommended_reason"], variants=m["variants"])
+
+    artifacts.update_manifest(run_dir, change)
+    return QuantizeRun(run_dir, variant, record, records.get("fp16"), outcome["recommended"], outcome["reason"],
+                       outcome["variants"], tuple(warnings))
+
+
+def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, accuracy: float, agreement: float,
+                    runtime_settings: dict) -> dict:
+    from pipeline.onnxfile import io_signature, load_model, opset
+
+    model = load_model(path)  # the checker and the one-file rule, on the bytes that ship
+    signature = io_signature(model)
+    size = path.stat().st_size
+    return {"file": path.name, "kind": kind, "parent": parent, "sha256": artifacts.sha256_file(path), "bytes": size,
+            "size_ratio": round(size / parent_record["bytes"], 4), "opset": opset(model), "ir_version": model.ir_version,
+            "input": signature["inputs"][0], "output": signature["outputs"][0],
+            "test_accuracy": accuracy, "agreement": agreement, "runtime": dict(runtime_settings),
+            "created": artifacts.now_iso()}
+
+
+def _latency_for(speed: dict | None, name: str) -> dict:
+    """{"batch_1": {"fp32_ms", "ms", "ratio"}, ...}: the variant's latencies against fp32 from one interleaved run."""
+    if speed is None:
+        return {"checked": False}
+    result: dict = {"checked": True, "threads": speed["threads"]}
+    for key, entry in speed.items():
+        if key.startswith("batch_") and f"{name}_ms" in entry:
+            result[key] = {"fp32_ms": entry["fp32_ms"], "ms": entry[f"{name}_ms"], "ratio": entry[f"{name}_ratio"]}
+    return result
+
+
+def _host() -> dict:
+    import os
+    import platform
+
+    return {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count()}
+
+
+def _recommend(records: dict, tolerance: float) -> tuple[str, str]:
+    """The fastest int8 that is not slower than fp32 at any measured batch; else fp32, with the reason."""
+    if "fp32" not in records:
+        return next(iter(records)), "no fp32 artifact"
+    timed, reasons = [], []
+    for name, record in records.items():
+        if record.get("kind") != "int8":
+            continue
+        latency = record.get("latency", {})
+        ratios = {k: v["ratio"] for k, v in latency.items() if k.startswith("batch_")}
+        if not latency.get("checked") or not ratios:
+            reasons.append(f"{name}: speed not checked on this host")
+        elif max(ratios.values()) > 1.0 + tolerance:
+            worst = max(ratios, key=ratios.get)
+            reasons.append(f"{name}: {ratios[worst]:.2f}x the fp32 latency at {worst.replace('_', ' ')}")
+        else:
+            timed.append((max(ratios.values()), name, ratios))
+    if timed:
+        _, name, ratios = min(timed)
+        return name, f"{name} passed its accuracy gate and is not slower than fp32 on this host (latency ratios " + \
+            ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ratios.items()) + ")"
+    if not reasons:
+        return "fp32", "no int8 artifact"
+    return "fp32", "no int8 variant is as fast as fp32 on this host: " + "; ".join(reasons)
+
+
+def _variants_table(records: dict) -> list[dict]:
+    """One row per artifact: what a user compares before choosing a file to ship."""
+    fp32_bytes = records.get("fp32", {}).get("bytes")
+    rows = []
+    for name, record in records.items():
+        latency = record.get("latency", {})
+        rows.append({
+            "variant": name, "kind": record.get("kind"), "file": record.get("file"), "bytes": record.get("bytes"),
+            "size_ratio": round(record["bytes"] / fp32_bytes, 4) if fp32_bytes and record.get("bytes") else None,
+            "test_accuracy": record.get("test_accuracy"),
+            "agreement": 1.0 if name == "fp32" else record.get("agreement"),
+            "latency_ratio": {k: v["ratio"] for k, v in latency.items() if k.startswith("batch_")} or None,
+        })
+    return rows

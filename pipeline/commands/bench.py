@@ -16,23 +16,33 @@ def _threads(text: str) -> tuple[int, ...] | None:
 
 
 def bench(
-    files: Annotated[Optional[list[Path]], typer.Argument(help=".onnx files to time directly (default ORT settings).")] = None,
-    run: Annotated[Optional[Path], typer.Option(help="Run folder: time every artifact in its manifest, with its runtime settings.")] = None,
+    files: Annotated[Optional[list[Path]], typer.Argument(
+        help=".onnx files to time directly (default ORT settings).")] = None,
+    run: Annotated[Optional[Path], typer.Option(
+        help="Run folder: time every artifact in its manifest, with its runtime settings.")] = None,
     variants: Annotated[str, typer.Option(help="Only these artifacts of the run, comma-separated (default: all).")] = "",
-    provider: Annotated[list[str], typer.Option(help="Execution provider: cpu, cuda, tensorrt. Repeat for several.")] = ["cpu"],  # noqa: B006
+    provider: Annotated[list[str], typer.Option(
+        help="Execution provider: cpu, cuda, tensorrt. Repeat for several.")] = ["cpu"],  # noqa: B006
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16,256",
-    threads: Annotated[str, typer.Option(help="Intra-op threads, comma-separated, or 'auto' (a probe picks 1 or all cores per batch).")] = "auto",
-    optimization_level: Annotated[Optional[str], typer.Option(help="disable, basic, extended or all for every session (default: each artifact's runtime setting).")] = None,
+    threads: Annotated[str, typer.Option(
+        help="Intra-op threads, comma-separated, or 'auto' (a probe picks 1 or all cores per batch).")] = "auto",
+    optimization_level: Annotated[Optional[str], typer.Option(
+        help="disable, basic, extended or all for every session (default: each artifact's runtime setting).")] = None,
     warmup: Annotated[int, typer.Option(help="Warm-up runs after the first run (bounded by 1 s).")] = 10,
     runs: Annotated[Optional[int], typer.Option(help="Timed runs per measurement (default: time for --duration).")] = None,
     duration: Annotated[float, typer.Option(help="Seconds of timed runs per measurement, when --runs is not given.")] = 0.6,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds the timed runs are split into.")] = 3,
     time_limit: Annotated[float, typer.Option(help="Hard limit in seconds on one measurement's timed runs.")] = 20.0,
-    io_binding: Annotated[bool, typer.Option(help="Bind input and output once on the provider's device (OrtValues) instead of copying per run.")] = False,
-    require_provider: Annotated[bool, typer.Option(help="Fail when a requested provider is unavailable, instead of reporting it.")] = False,
-    baseline: Annotated[bool, typer.Option(help="Also time the PyTorch model (eval, inference_mode) of the run's checkpoint.")] = True,
-    compare: Annotated[Optional[Path], typer.Option(help="A run of the same architecture trained without dropout: answer what dropout costs.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json and bench.png (default: the run folder, or the first file's folder).")] = None,
+    io_binding: Annotated[bool, typer.Option(
+        help="Bind input and output once on the provider's device (OrtValues) instead of copying per run.")] = False,
+    require_provider: Annotated[bool, typer.Option(
+        help="Fail when a requested provider is unavailable, instead of reporting it.")] = False,
+    baseline: Annotated[bool, typer.Option(
+        help="Also time the PyTorch model (eval, inference_mode) of the run's checkpoint.")] = True,
+    compare: Annotated[Optional[Path], typer.Option(
+        help="A run of the same architecture trained without dropout: answer what dropout costs.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for bench.json and bench.png (default: the run folder, or the first file's folder).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print bench.json to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table; print only where bench.json went.")] = False,
 ) -> None:

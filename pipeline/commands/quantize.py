@@ -1,0 +1,131 @@
+"""`pipeline quantize RUN`, and the quantize options `pipeline export --quantize` shares.
+
+The option types below are reused by `commands/export.py`, so both commands spell and
+document the options the same way; `configs()` turns them into `QuantizeConfig` and
+`Fp16Config`, `run()` makes the one workflow call and shows the variants table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.commands.options import console
+
+Dynamic = Annotated[bool, typer.Option("--dynamic", help="Dynamic int8 (activation ranges at run time, no calibration) "
+                                                          "instead of static; written as int8_dynamic.")]
+Method = Annotated[str, typer.Option("--quant-method", help="Calibration: minmax, entropy or percentile.")]
+Format = Annotated[str, typer.Option("--quant-format", help="Static int8 format: qdq (Q/DQ pairs) or qoperator (QLinearConv, ...).")]
+PerChannel = Annotated[bool, typer.Option("--per-channel/--per-tensor", help="One weight scale per output channel, or one per tensor.")]
+ActivationType = Annotated[str, typer.Option("--activation-type", help="int8 or uint8 activations.")]
+WeightType = Annotated[str, typer.Option("--weight-type", help="int8 or uint8 weights.")]
+CalibrationSamples = Annotated[int, typer.Option("--calibration-samples", help="Training images the calibration sees.")]
+CalibrationSeed = Annotated[int, typer.Option("--calibration-seed", help="Seed of the calibration sample (same seed, same file).")]
+MaxAccuracyDrop = Annotated[float, typer.Option("--max-accuracy-drop",
+                                                help="Largest test accuracy drop (percentage points) an int8 model may ship with.")]
+MaxExcluded = Annotated[int, typer.Option("--max-excluded-nodes",
+                                          help="When the gate fails, keep up to this many of the most sensitive nodes in fp32.")]
+ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node", help="Keep this node in fp32 (repeatable).")]
+KeepFirstConv = Annotated[bool, typer.Option("--keep-first-conv-fp32", help="Keep the first Conv in fp32.")]
+DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
+    "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
+SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
+SpeedBatch = Annotated[int, typer.Option("--speed-batch", help="Large batch of the speed check.")]
+Fp16 = Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (for GPU targets), checked for parity and accuracy.")]
+
+
+def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", per_channel: bool = False,
+            activation_type: str = "int8", weight_type: str = "int8", calibration_samples: int = 256,
+            calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
+            exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool = False,
+            disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
+            fp16: bool = False):
+    """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
+    from pipeline.config import Fp16Config, QuantizeConfig
+
+    config = QuantizeConfig(mode="dynamic" if dynamic else "static", method=method, format=format, per_channel=per_channel,
+                            activation_type=activation_type, weight_type=weight_type,
+                            calibration_samples=calibration_samples, seed=calibration_seed,
+                            max_accuracy_drop=max_accuracy_drop, max_excluded_nodes=max_excluded_nodes,
+                            nodes_to_exclude=tuple(exclude_nodes or ()), keep_first_conv_fp32=keep_first_conv_fp32,
+                            disabled_optimizers=tuple(disable_optimizers or QuantizeConfig.disabled_optimizers),
+                            speed_check=speed_check, speed_batch=speed_batch)
+    return config, (Fp16Config() if fp16 else None)
+
+
+def run(run_dir: Path, config, fp16_config, as_json: bool = False) -> None:
+    """One `workflow.quantize_run` call with a spinner, then the variants table (or JSON on stdout)."""
+    from pipeline.workflow import quantize_run
+
+    with console.status("quantize") as status:
+        result = quantize_run(run_dir, config, fp16_config, on_step=lambda name: status.update(f"quantize: {name}"))
+    if as_json:
+        typer.echo(json.dumps({"run_dir": str(run_dir), "variant": result.variant, "recommended": result.recommended,
+                               "recommended_reason": result.recommended_reason, "variants": result.variants,
+                               "warnings": list(result.warnings), "record": result.record}, indent=2))
+    show(result)
+
+
+def show(result) -> None:
+    """The variants table and the recommendation on stderr; loud warnings in red."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.run_dir}: variants (* recommended; latency as a multiple of fp32's)")
+    for column in ("variant", "file", "KiB", "size", "accuracy", "agree"):
+        table.add_column(column, justify="left" if column in ("variant", "file") else "right")
+    batches = sorted({k for row in result.variants for k in (row["latency_ratio"] or {})}, key=lambda k: int(k.split("_")[1]))
+    for key in batches:
+        table.add_column(key.replace("batch_", "b"), justify="right")
+    for row in result.variants:
+        name = row["variant"] + (" *" if row["variant"] == result.recommended else "")
+        ratios = row["latency_ratio"] or {}
+        table.add_row(name, row["file"], f"{row['bytes'] / 1024:.1f}", _fmt(row["size_ratio"], "{:.1%}"),
+                      _fmt(row["test_accuracy"], "{:.2%}"), _fmt(row["agreement"], "{:.2%}"),
+                      *[_fmt(ratios.get(k), "{:.2f}x") for k in batches])
+    console.print(table)
+    gate = result.record["verification"]["gate"]
+    kept = gate["excluded_nodes"]
+    console.print(f"{result.variant}: accuracy drop {gate['drop_points']:.2f} points (gate {gate['max_accuracy_drop']:.2f}), "
+                  f"{len(kept)} node(s) kept in fp32{': ' + ', '.join(kept) if kept else ''}")
+    for warning in result.warnings:
+        console.print(f"[bold red]WARNING: {warning}[/bold red]")
+    console.print(f"recommended: [bold]{result.recommended}[/bold] ({result.recommended_reason})")
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def quantize(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder whose fp32 model.onnx (from `pipeline export`) is quantized.")],
+    dynamic: Dynamic = False,
+    method: Method = "minmax",
+    format: Format = "qdq",
+    per_channel: PerChannel = False,
+    activation_type: ActivationType = "int8",
+    weight_type: WeightType = "int8",
+    calibration_samples: CalibrationSamples = 256,
+    calibration_seed: CalibrationSeed = 0,
+    max_accuracy_drop: MaxAccuracyDrop = 0.5,
+    max_excluded_nodes: MaxExcluded = 1,
+    exclude_nodes: ExcludeNodes = None,
+    keep_first_conv_fp32: KeepFirstConv = False,
+    disable_optimizers: DisableOptimizers = None,
+    speed_check: SpeedCheck = True,
+    speed_batch: SpeedBatch = 256,
+    fp16: Fp16 = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Quantize an exported run to int8 (model.int8.onnx), refusing a model that loses accuracy.
+
+    The int8 model is judged through ONNX Runtime on the test split; above --max-accuracy-drop the
+    most sensitive nodes are kept in fp32 (up to --max-excluded-nodes), else nothing is written.
+    int8 is timed against fp32 on this host and recommended only when it is not slower.
+    """
+    config, fp16_config = configs(dynamic, method, format, per_channel, activation_type, weight_type, calibration_samples,
+                                  calibration_seed, max_accuracy_drop, max_excluded_nodes, exclude_nodes,
+                                  keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16)
+    run(run_dir, config, fp16_config, as_json)

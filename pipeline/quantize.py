@@ -1,0 +1,537 @@
+"""fp32 ONNX -> int8 (static or dynamic) and fp16 variants, and the gate that refuses bad ones.
+
+The int8 recipe is onnxruntime.quantization's: `quant_pre_process`, then `quantize_static`
+with a calibration reader over training images (or `quantize_dynamic`). Every candidate is
+written to a temporary folder and judged through ONNX Runtime on the test split: accuracy
+against the fp32 file's accuracy, and agreement with the fp32 predictions. Only a candidate
+that passes is copied (atomically) to the target path; a failing one is never written there.
+
+When the gate fails, the nodes are ranked by how much their own quantization hurts (the
+signal-to-quantization-noise ratio of their weights and activations, measured with
+`onnxruntime.quantization.qdq_loss_debug` on training images) and the worst ones are kept in
+fp32, one at a time, up to `QuantizeConfig.max_excluded_nodes`; then `AccuracyGateError`.
+
+Imports no torch. The workflow (`workflow.quantize_run`) records the results in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from pipeline import artifacts, onnxfile, runtime
+from pipeline.config import Fp16Config, QuantizeConfig, to_dict
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+MATMUL_OPS = ("Gemm", "MatMul")
+# Ops whose quantized form in QOperator format replaces the float op.
+QOPERATOR_CONV = ("QLinearConv", "ConvInteger")
+
+
+class QuantizeError(PipelineError):
+    """onnxruntime.quantization failed, or the model cannot be quantized as configured."""
+
+    exit_code = 11
+
+
+class AccuracyGateError(QuantizeError):
+    """The int8 model lost more accuracy than allowed, even with its most sensitive nodes in fp32."""
+
+    exit_code = 12
+
+    def __init__(self, message: str, fp32_accuracy: float, accuracy: float, drop_points: float,
+                 agreement: float, excluded: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.fp32_accuracy = fp32_accuracy
+        self.accuracy = accuracy
+        self.drop_points = drop_points
+        self.agreement = agreement
+        self.excluded = excluded
+
+
+class Fp16Error(QuantizeError):
+    """The fp16 model's logits or accuracy are too far from the fp32 model's."""
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+def sample_images(x: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` images of `x` (all if fewer) drawn without replacement by `seed`, in a fixed order."""
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(len(x), size=min(count, len(x)), replace=False))
+    return np.ascontiguousarray(x[index], dtype=np.float32)
+
+
+class CalibrationReader(CalibrationDataReader):
+    """Feeds preprocessed images (N, C, H, W) to onnxruntime's calibrators in fixed-size batches."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int) -> None:
+        if images.ndim != 4 or len(images) == 0:
+            raise QuantizeError(f"calibration needs a non-empty N x C x H x W array, got shape {images.shape}")
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.input_name = input_name
+        self.batch = batch
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        if self.position >= len(self.images):
+            return None
+        chunk = self.images[self.position:self.position + self.batch]
+        self.position += self.batch
+        return {self.input_name: chunk}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+# --- building one candidate ----------------------------------------------------------------
+
+
+def prepare(fp32_path: Path, out_path: Path, enabled: bool) -> Path:
+    """`quant_pre_process` (shape inference + ORT's basic graph optimization), or a plain copy when disabled."""
+    if not enabled:
+        shutil.copyfile(fp32_path, out_path)
+        return out_path
+    try:
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+    except Exception as exc:  # shape inference and the optimizer raise many types
+        raise QuantizeError(f"quant_pre_process failed on {fp32_path} ({type(exc).__name__}): {_first_line(exc)}") from None
+    return out_path
+
+
+def base_exclusions(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[str, ...]:
+    """The node names kept in fp32 by configuration, checked against the graph."""
+    names = [node.name for node in model.graph.node]
+    unknown = [name for name in config.nodes_to_exclude if name not in names]
+    if unknown:
+        raise QuantizeError(f"nodes to exclude not in the model: {', '.join(unknown)} (its nodes: {', '.join(names[:20])})")
+    excluded = list(config.nodes_to_exclude)
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    matmuls = [node.name for node in model.graph.node if node.op_type in MATMUL_OPS]
+    if config.keep_first_conv_fp32 and convs:
+        excluded.append(convs[0])  # graph.node is topologically sorted (ONNX requires it)
+    if config.keep_last_layer_fp32 and matmuls:
+        excluded.append(matmuls[-1])
+    return tuple(dict.fromkeys(excluded))
+
+
+def quantize_model(prepared: Path, out_path: Path, config: QuantizeConfig, calibration: np.ndarray | None,
+                   exclude: Sequence[str], static_format: str | None = None) -> Path:
+    """One int8 candidate of the prepared model at `out_path` (any folder; not judged here).
+
+    `static_format` forces a static model of that format (the sensitivity twin is always QDQ).
+    """
+    mode = "static" if static_format else config.mode
+    extra = dict(config.extra_options)
+    if config.method == "percentile":
+        extra.setdefault("CalibPercentile", config.percentile)
+    op_types = list(config.op_types) or None
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(prepared), str(out_path), op_types_to_quantize=op_types, per_channel=config.per_channel,
+                             reduce_range=config.reduce_range, weight_type=TYPES[config.weight_type],
+                             nodes_to_exclude=list(exclude), extra_options=extra)
+        else:
+            if calibration is None:
+                raise QuantizeError("static quantization needs calibration images")
+            input_name = onnxfile.io_signature(onnx.load(str(prepared)))["inputs"][0]["name"]
+            quantize_static(str(prepared), str(out_path), CalibrationReader(calibration, input_name, config.calibration_batch),
+                            quant_format=FORMATS[static_format or config.format], op_types_to_quantize=op_types,
+                            per_channel=config.per_channel, reduce_range=config.reduce_range,
+                            activation_type=TYPES[config.activation_type], weight_type=TYPES[config.weight_type],
+                            nodes_to_exclude=list(exclude), calibrate_method=METHODS[config.method], extra_options=extra)
+    except QuantizeError:
+        raise
+    except Exception as exc:
+        raise QuantizeError(f"onnxruntime.quantization ({mode}) failed ({type(exc).__name__}): {_first_line(exc)}") from None
+    return out_path
+
+
+def _finish(candidate: Path, fp32_path: Path, config: QuantizeConfig, excluded: Sequence[str]) -> None:
+    """Carry the fp32 file's metadata over (labels, preprocessing) and say how the file was made."""
+    model = onnx.load(str(candidate))
+    source = onnx.load(str(fp32_path))
+    meta = {p.key: p.value for p in source.metadata_props}
+    meta.update({p.key: p.value for p in model.metadata_props})
+    meta["pipeline.variant"] = config.artifact
+    meta["pipeline.quantization"] = (f"{config.mode} {config.format if config.mode == 'static' else ''} "
+                                     f"{config.method} a={config.activation_type} w={config.weight_type} "
+                                     f"per_channel={config.per_channel} excluded={','.join(excluded) or '-'}").replace("  ", " ")
+    del model.metadata_props[:]
+    for key in sorted(meta):
+        model.metadata_props.add(key=key, value=meta[key])
+    onnx.save_model(model, str(candidate), save_as_external_data=False)
+
+
+# --- judging ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's predictions on the test split, against the labels and the fp32 predictions."""
+
+    accuracy: float
+    agreement: float
+    predictions: np.ndarray = field(repr=False)
+
+
+def score(path: Path, runtime_settings: dict, x: np.ndarray, y: np.ndarray, reference: np.ndarray | None,
+          provider: str = "cpu") -> tuple[Score, np.ndarray]:
+    """(Score, logits) of the model at `path`, run as the manifest says (`runtime_settings`)."""
+    session = runtime.create_session(Path(path), runtime_settings, provider=provider)
+    logits = runtime.run_batched(session, x)
+    predictions = logits.argmax(1)
+    agreement = float(np.mean(predictions == reference)) if reference is not None else 1.0
+    return Score(float(np.mean(predictions == y)), agreement, predictions), logits
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One candidate the gate judged."""
+
+    excluded: tuple[str, ...]
+    accuracy: float
+    agreement: float
+    drop_points: float
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return {"excluded": list(self.excluded), "accuracy": self.accuracy, "agreement": self.agreement,
+                "drop_points": round(self.drop_points, 4), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class NodeSensitivity:
+    """How much a node's own quantization hurts: the lowest SQNR (dB) of its quantized weights and activations."""
+
+    node: str
+    op_type: str
+    sqnr_db: float
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "sqnr_db": round(self.sqnr_db, 2)}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What `quantize_gated` wrote and every number behind the decision."""
+
+    path: Path
+    config: QuantizeConfig
+    fp32_accuracy: float
+    accuracy: float
+    agreement: float
+    drop_points: float
+    excluded: tuple[str, ...]
+    attempts: tuple[Attempt, ...]
+    sensitivity: tuple[NodeSensitivity, ...]
+    structure: dict
+    runtime: dict
+
+    def gate_dict(self) -> dict:
+        return {"passed": True, "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
+                "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
+                "agreement": self.agreement, "min_agreement": self.config.min_agreement,
+                "excluded_nodes": list(self.excluded), "attempts": [a.to_dict() for a in self.attempts],
+                "sensitivity": [s.to_dict() for s in self.sensitivity]}
+
+
+def runtime_settings(config: QuantizeConfig) -> dict:
+    """The ORT session settings every consumer of this int8 file must apply (the artifact's `runtime`)."""
+    return {"graph_optimization_level": config.graph_optimization_level,
+            "disabled_optimizers": list(config.disabled_optimizers)}
+
+
+def _passes(candidate: Score, fp32: Score, config: QuantizeConfig) -> tuple[bool, float]:
+    drop = 100.0 * (fp32.accuracy - candidate.accuracy)
+    # A tiny epsilon: accuracies are ratios of counts, and 0.5 points must pass at exactly 0.5.
+    ok = drop <= config.max_accuracy_drop + 1e-9
+    if config.min_agreement is not None:
+        ok = ok and candidate.agreement >= config.min_agreement
+    return ok, drop
+
+
+def quantize_gated(fp32_path: Path, out_path: Path, config: QuantizeConfig, calibration: np.ndarray | None,
+                   probe: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, fp32_runtime: dict | None = None) -> QuantizeResult:
+    """Quantize `fp32_path`, judge it on the test split, exclude sensitive nodes if needed; write `out_path` only on a pass.
+
+    `calibration`: preprocessed images for the static ranges. `probe`: preprocessed training images
+    on which per-node sensitivity is measured (apart from `calibration`, so a bad calibration set
+    cannot hide its own damage).
+    """
+    settings = runtime_settings(config)
+    fp32, _ = score(fp32_path, fp32_runtime or {}, x_test, y_test, None)
+    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp:
+        work = Path(tmp)
+        prepared = prepare(fp32_path, work / "prepared.onnx", config.pre_process)
+        prepared_model = onnx.load(str(prepared))
+        excluded = list(base_exclusions(prepared_model, config))
+        fixed = len(excluded)
+        attempts: list[Attempt] = []
+        ranking: list[NodeSensitivity] = []
+        while True:
+            candidate = work / f"candidate-{len(attempts)}.onnx"
+            quantize_model(prepared, candidate, config, calibration, excluded)
+            _finish(candidate, fp32_path, config, excluded)
+            result, _ = score(candidate, settings, x_test, y_test, fp32.predictions)
+            ok, drop = _passes(result, fp32, config)
+            attempts.append(Attempt(tuple(excluded), result.accuracy, result.agreement, drop, ok))
+            log.info("int8 candidate %d: accuracy %.4f (fp32 %.4f, drop %.2f points), agreement %.4f, excluded %s",
+                     len(attempts), result.accuracy, fp32.accuracy, drop, result.agreement, excluded or "-")
+            if ok:
+                break
+            if len(excluded) - fixed >= config.max_excluded_nodes:
+                raise _gate_error(fp32, result, drop, excluded, config, attempts)
+            if not ranking:
+                ranking = node_sensitivity(prepared, work, config, calibration, probe, excluded)
+            remaining = [s for s in ranking if s.node not in excluded]
+            if not remaining:
+                raise _gate_error(fp32, result, drop, excluded, config, attempts)
+            excluded.append(remaining[0].node)
+        structure = structure_report(onnx.load(str(candidate)), prepared_model, excluded)
+        artifacts.atomic_write_bytes(Path(out_path), candidate.read_bytes())
+    return QuantizeResult(Path(out_path), config, fp32.accuracy, result.accuracy, result.agreement, drop,
+                          tuple(excluded), tuple(attempts), tuple(ranking), structure, settings)
+
+
+def _gate_error(fp32: Score, result: Score, drop: float, excluded: Sequence[str], config: QuantizeConfig,
+                attempts: Sequence[Attempt]) -> AccuracyGateError:
+    agreement = "" if config.min_agreement is None else f" (min {100 * config.min_agreement:.2f}%)"
+    tried = f" after keeping {len(excluded)} node(s) in fp32 ({', '.join(excluded)})" if excluded else ""
+    return AccuracyGateError(
+        f"int8 ({config.artifact}) test accuracy {100 * result.accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
+        f"drop {drop:.2f} points exceeds --max-accuracy-drop {config.max_accuracy_drop:.2f}{tried}; "
+        f"agreement with fp32 {100 * result.agreement:.2f}%{agreement}; {len(attempts)} candidate(s) tried, none written",
+        fp32.accuracy, result.accuracy, drop, result.agreement, tuple(excluded))
+
+
+# --- per-node sensitivity ------------------------------------------------------------------
+
+
+def node_sensitivity(prepared: Path, work: Path, config: QuantizeConfig, calibration: np.ndarray | None,
+                     probe: np.ndarray, excluded: Sequence[str]) -> list[NodeSensitivity]:
+    """Quantizable nodes, most sensitive first, measured on a static QDQ twin of the configured recipe.
+
+    The twin is QDQ whatever the target format, because qdq_loss_debug reads Q/DQ pairs; for a
+    dynamic recipe it is calibrated on `probe` (a static proxy of the same weights and types).
+    """
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        compute_weight_error,
+        create_activation_matching,
+        create_weight_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    twin = work / "twin.qdq.onnx"
+    twin_calibration = calibration if config.mode == "static" and calibration is not None else probe
+    quantize_model(prepared, twin, config, twin_calibration, excluded, static_format="qdq")
+    float_aug, twin_aug = work / "float.debug.onnx", work / "twin.debug.onnx"
+    modify_model_output_intermediate_tensors(str(prepared), str(float_aug))
+    modify_model_output_intermediate_tensors(str(twin), str(twin_aug))
+    input_name = onnxfile.io_signature(onnx.load(str(prepared)))["inputs"][0]["name"]
+    float_acts = collect_activations(str(float_aug), CalibrationReader(probe, input_name, config.calibration_batch))
+    twin_acts = collect_activations(str(twin_aug), CalibrationReader(probe, input_name, config.calibration_batch))
+    activation_sqnr = {name: err["qdq_err"] for name, err in
+                       compute_activation_error(create_activation_matching(twin_acts, float_acts)).items()}
+    weight_sqnr = compute_weight_error(create_weight_matching(str(prepared), str(twin)))
+    quantized = _quantized_node_names(onnx.load(str(twin)))
+    ranking = []
+    for node in onnx.load(str(prepared)).graph.node:
+        weights = [weight_sqnr[t] for t in node.input if t in weight_sqnr]
+        # Only nodes with quantized weights (Conv, Gemm, MatMul) are candidates: keeping a
+        # MaxPool or Reshape in fp32 removes no quantization noise, its neighbours' Q/DQ stay.
+        if node.name not in quantized or node.name in excluded or not weights:
+            continue
+        activations = [activation_sqnr[t] for t in (*node.input, *node.output) if t in activation_sqnr]
+        ranking.append(NodeSensitivity(node.name, node.op_type, float(min(weights + activations))))
+    ranking.sort(key=lambda s: (s.sqnr_db, s.node))
+    log.info("per-node sensitivity (SQNR dB, worst first): %s",
+             ", ".join(f"{s.node}={s.sqnr_db:.1f}" for s in ranking))
+    return ranking
+
+
+def _quantized_node_names(qdq_model: onnx.ModelProto) -> set[str]:
+    """Float nodes of a QDQ model that read at least one DequantizeLinear output."""
+    dq_outputs = {out for node in qdq_model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return {node.name for node in qdq_model.graph.node
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in node.input)}
+
+
+# --- structure -------------------------------------------------------------------------------
+
+
+def conv_coverage(model: onnx.ModelProto) -> tuple[int, int]:
+    """(quantized, total) Convs: a QLinearConv/ConvInteger, or a Conv whose data and weight inputs come from DequantizeLinear."""
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    quantized = total = 0
+    for node in model.graph.node:
+        if node.op_type in QOPERATOR_CONV:
+            quantized += 1
+            total += 1
+        elif node.op_type == "Conv":
+            total += 1
+            if all(producers.get(name) == "DequantizeLinear" for name in node.input[:2]):
+                quantized += 1
+    return quantized, total
+
+
+def structure_report(model: onnx.ModelProto, prepared: onnx.ModelProto, excluded: Sequence[str]) -> dict:
+    quantized, total = conv_coverage(model)
+    return {"op_histogram": onnxfile.op_histogram(model), "prepared_op_histogram": onnxfile.op_histogram(prepared),
+            "quantized_convs": quantized, "convs": total, "fp32_nodes_kept": list(excluded)}
+
+
+# --- speed -----------------------------------------------------------------------------------
+
+
+def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: QuantizeConfig) -> dict:
+    """Median latency of each model at batch 1 and `config.speed_batch`, interleaved in rounds.
+
+    `models` maps a name ("fp32" first) to (path, runtime settings). Returns
+    {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ...}, "batch_<N>": {...}, ...}.
+    """
+    sessions = {name: runtime.create_session(Path(path), settings, threads=config.threads)
+                for name, (path, settings) in models.items()}
+    base = next(iter(models))
+    result: dict = {"threads": config.threads, "rounds": config.speed_rounds, "seconds_per_round": config.speed_seconds}
+    for batch in (1, config.speed_batch):
+        inputs = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(config.speed_rounds):
+            for name, session in sessions.items():
+                samples[name].extend(_time_runs(session, inputs, config.speed_seconds))
+        medians = {name: float(np.median(times)) for name, times in samples.items()}
+        entry = {f"{name}_ms": round(1e3 * medians[name], 4) for name in sessions}
+        for name in sessions:
+            if name != base:
+                entry[f"{name}_ratio"] = round(medians[name] / medians[base], 3)
+        entry["runs"] = {name: len(times) for name, times in samples.items()}
+        result[f"batch_{batch}"] = entry
+    return result
+
+
+def _time_runs(session, inputs: np.ndarray, seconds: float) -> list[float]:
+    feed = {session.get_inputs()[0].name: inputs}
+    for _ in range(2):  # warm-up: first runs allocate and pick kernels
+        session.run(None, feed)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        session.run(None, feed)
+        end = time.perf_counter()
+        times.append(end - start)
+        if end >= deadline:
+            return times
+
+
+def slower_batches(speed: dict, name: str, tolerance: float) -> list[tuple[str, float]]:
+    """The batches at which `name` is slower than the baseline by more than `tolerance`, with the ratio."""
+    return [(key, entry[f"{name}_ratio"]) for key, entry in speed.items()
+            if key.startswith("batch_") and entry.get(f"{name}_ratio", 0.0) > 1.0 + tolerance]
+
+
+# --- fp16 ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fp16Result:
+    path: Path
+    config: Fp16Config
+    fp32_accuracy: float
+    accuracy: float
+    agreement: float
+    drop_points: float
+    max_abs_diff: float
+    relative_diff: float
+    runtime: dict
+
+    def verification(self) -> dict:
+        return {"parity": {"passed": True, "max_abs_diff": self.max_abs_diff, "relative_diff": self.relative_diff,
+                           "tolerance": self.config.tolerance, "provider": self.config.provider},
+                "gate": {"passed": True, "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
+                         "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
+                         "agreement": self.agreement}}
+
+
+def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndarray, y_test: np.ndarray,
+            fp32_runtime: dict | None = None) -> Fp16Result:
+    """fp16 weights and compute with onnxruntime's float16 converter; checked for parity and accuracy, written only on a pass.
+
+    The converter is `onnxruntime.transformers.float16` (the same code as onnxconverter-common's
+    `float16.convert_float_to_float16`, shipped inside the onnxruntime wheel: no extra dependency).
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnxfile.load_model(fp32_path)
+    try:
+        half = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
+                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(config.op_block_list))
+        # keep_io_types appends its input Casts at the end of the node list; onnx's checker (and
+        # so `onnxfile.load_model`) requires topological order, which ORT itself does not.
+        OnnxModel(half).topological_sort()
+    except Exception as exc:
+        raise Fp16Error(f"fp16 conversion of {fp32_path} failed ({type(exc).__name__}): {_first_line(exc)}") from None
+    settings = {"graph_optimization_level": "all", "disabled_optimizers": []}
+    fp32, fp32_logits = score(fp32_path, fp32_runtime or {}, x_test, y_test, None, provider=config.provider)
+    with tempfile.TemporaryDirectory(prefix="pipeline-fp16-") as tmp:
+        candidate = Path(tmp) / "model.fp16.onnx"
+        onnx.save_model(half, str(candidate), save_as_external_data=False)
+        session = runtime.create_session(candidate, settings, provider=config.provider)
+        wants_half = session.get_inputs()[0].type == "tensor(float16)"
+        logits = runtime.run_batched(session, x_test.astype(np.float16) if wants_half else x_test).astype(np.float32)
+        predictions = logits.argmax(1)
+        accuracy = float(np.mean(predictions == y_test))
+        agreement = float(np.mean(predictions == fp32.predictions))
+        max_abs = float(np.max(np.abs(logits - fp32_logits)))
+        relative = max_abs / max(float(np.max(np.abs(fp32_logits))), 1e-12)
+        drop = 100.0 * (fp32.accuracy - accuracy)
+        failures = []
+        if not relative <= config.tolerance:
+            failures.append(f"max abs logit diff {max_abs:.3g} is {relative:.3g} of the largest fp32 logit (tolerance {config.tolerance:g})")
+        if drop > config.max_accuracy_drop + 1e-9:
+            failures.append(f"test accuracy {100 * accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
+                            f"drop {drop:.2f} points exceeds {config.max_accuracy_drop:.2f}")
+        if failures:
+            raise Fp16Error(f"fp16 model rejected, not written: {'; '.join(failures)}")
+        artifacts.atomic_write_bytes(Path(out_path), candidate.read_bytes())
+    return Fp16Result(Path(out_path), config, fp32.accuracy, accuracy, agreement, drop, max_abs, relative, settings)
+
+
+def config_record(config: QuantizeConfig) -> dict:
+    """The recipe as the manifest records it (every field, plus the artifact name)."""
+    record = to_dict(config)
+    record["artifact"] = config.artifact
+    return record
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
