@@ -515,7 +515,8 @@ def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndar
         drop = 100.0 * (fp32.accuracy - accuracy)
         failures = []
         if not relative <= config.tolerance:
-            failures.append(f"max abs logit diff {max_abs:.3g} is {relative:.3g} of the largest fp32 logit (tolerance {config.tolerance:g})")
+            failures.append(f"max abs logit diff {max_abs:.3g} is {relative:.3g} of the largest fp32 logit "
+                            f"(tolerance {config.tolerance:g})")
         if drop > config.max_accuracy_drop + 1e-9:
             failures.append(f"test accuracy {100 * accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
                             f"drop {drop:.2f} points exceeds {config.max_accuracy_drop:.2f}")

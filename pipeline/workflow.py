@@ -422,7 +422,8 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     fp16_result = None
     if fp16_config is not None:
         step("fp16 variant")
-        fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_test, splits.y_test, fp32_runtime)
+        fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_test, splits.y_test,
+                                       fp32_runtime)
         models["fp16"] = (fp16_result.path, fp16_result.runtime)
 
     speed = None
@@ -453,7 +454,7 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
         fp16_record["latency"] = _latency_for(speed, "fp16")
         records["fp16"] = fp16_record
     if speed is not None:
-        for name, entry in records.items():
+        for entry in records.values():
             entry["latency"]["host"] = _host()
 
     outcome: dict = {}

@@ -18,23 +18,28 @@ from pipeline.commands.options import console
 Dynamic = Annotated[bool, typer.Option("--dynamic", help="Dynamic int8 (activation ranges at run time, no calibration) "
                                                           "instead of static; written as int8_dynamic.")]
 Method = Annotated[str, typer.Option("--quant-method", help="Calibration: minmax, entropy or percentile.")]
-Format = Annotated[str, typer.Option("--quant-format", help="Static int8 format: qdq (Q/DQ pairs) or qoperator (QLinearConv, ...).")]
-PerChannel = Annotated[bool, typer.Option("--per-channel/--per-tensor", help="One weight scale per output channel, or one per tensor.")]
+Format = Annotated[str, typer.Option("--quant-format",
+                                      help="Static int8 format: qdq (Q/DQ pairs) or qoperator (QLinearConv, ...).")]
+PerChannel = Annotated[bool, typer.Option("--per-channel/--per-tensor",
+                                           help="One weight scale per output channel, or one per tensor.")]
 ActivationType = Annotated[str, typer.Option("--activation-type", help="int8 or uint8 activations.")]
 WeightType = Annotated[str, typer.Option("--weight-type", help="int8 or uint8 weights.")]
 CalibrationSamples = Annotated[int, typer.Option("--calibration-samples", help="Training images the calibration sees.")]
-CalibrationSeed = Annotated[int, typer.Option("--calibration-seed", help="Seed of the calibration sample (same seed, same file).")]
+CalibrationSeed = Annotated[int, typer.Option("--calibration-seed",
+                                               help="Seed of the calibration sample (same seed, same file).")]
 MaxAccuracyDrop = Annotated[float, typer.Option("--max-accuracy-drop",
-                                                help="Largest test accuracy drop (percentage points) an int8 model may ship with.")]
+                                                help="Largest test accuracy drop (points) an int8 model may ship with.")]
 MaxExcluded = Annotated[int, typer.Option("--max-excluded-nodes",
                                           help="When the gate fails, keep up to this many of the most sensitive nodes in fp32.")]
-ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node", help="Keep this node in fp32 (repeatable).")]
+ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node",
+                                                            help="Keep this node in fp32 (repeatable).")]
 KeepFirstConv = Annotated[bool, typer.Option("--keep-first-conv-fp32", help="Keep the first Conv in fp32.")]
 DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
     "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
 SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
 SpeedBatch = Annotated[int, typer.Option("--speed-batch", help="Large batch of the speed check.")]
-Fp16 = Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx (for GPU targets), checked for parity and accuracy.")]
+Fp16 = Annotated[bool, typer.Option("--fp16",
+                                     help="Also write model.fp16.onnx (for GPU targets), checked for parity and accuracy.")]
 
 
 def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", per_channel: bool = False,
