@@ -85,6 +85,11 @@ def _register() -> None:
     from pipeline.commands import train as train_command
 
     app.command("train")(guarded(train_command.train))
+    from pipeline.commands import export as export_command
+    from pipeline.commands import inspect as inspect_command
+
+    app.command("export")(guarded(export_command.export))
+    app.command("inspect")(guarded(inspect_command.inspect))
     from pipeline.commands import predict as predict_command
 
     app.command("predict")(guarded(predict_command.predict))

@@ -347,6 +347,55 @@ def _derived_from(records: dict, root: str) -> list[str]:
     return [name for name in records if name != root and reaches(name)]
 
 
+def adopt_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
+    """A new run folder around a checkpoint from elsewhere, ready for `export_run`; returns `out`.
+
+    The checkpoint must load into its recorded architecture and its training data must still be
+    readable with the same fingerprint (the export checks accuracy on its test split). The folder
+    is built in `<out>.partial/` and renamed into place only when complete.
+    """
+    import shutil
+
+    from pipeline import data, train
+    from pipeline.errors import DataError
+    from pipeline.model import count_parameters
+
+    checkpoint = Path(checkpoint)
+    model, payload = train.load_checkpoint(checkpoint)
+    data_config = _data_config_from(payload["data_config"])
+    splits = data.load(data_config)
+    if splits.fingerprint != payload.get("data_fingerprint"):
+        raise DataError(f"{checkpoint}: its training data ({splits.source}) changed since training (fingerprint mismatch)")
+    preprocess = data.Preprocess.from_dict(payload["preprocess"])
+    test_accuracy = float((train.predictions(model, preprocess.apply(splits.x_test)) == splits.y_test).mean())
+    staging = artifacts.start_run(out, force)
+    try:
+        shutil.copyfile(checkpoint, staging / artifacts.CHECKPOINT)
+        manifest = {
+            "schema": artifacts.MANIFEST_SCHEMA,
+            "pipeline_version": artifacts.versions()["pipeline"],
+            "created": artifacts.now_iso(),
+            "labels": list(payload["labels"]),
+            "preprocess": preprocess.to_dict(),
+            "dataset": {"source": splits.source, "fingerprint": splits.fingerprint, "sizes": splits.sizes(),
+                        "config": to_dict(data_config)},
+            "model": {"config": payload["model_config"], "parameters": count_parameters(model)},
+            "training": {"checkpoint": artifacts.CHECKPOINT,
+                         "checkpoint_sha256": artifacts.sha256_file(staging / artifacts.CHECKPOINT),
+                         "adopted_from": str(checkpoint), "config": payload.get("train_config"),
+                         "test_accuracy": test_accuracy, "best_epoch": payload.get("epoch")},
+            "artifacts": {},
+            "runtime": {},
+            "versions": artifacts.versions(),
+        }
+        artifacts.write_manifest(staging, manifest)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise artifacts.RunFolderError(f"cannot write {staging}: {exc.strerror or exc}") from None
+    artifacts.finish_run(staging, out)
+    return Path(out)
+
+
 # --- quantize: int8 (and fp16) variants of the exported fp32 model --------------------------
 
 
