@@ -89,7 +89,8 @@ def device_readme(manifest: dict, top: str) -> str:
     for name, record in manifest["artifacts"].items():
         accuracy = record.get("test_accuracy")
         shown = f"{100 * accuracy:.2f}%" if isinstance(accuracy, (int, float)) else "n/a"
-        rows.append(f"| {name} | `{record['file']}` | {record.get('bytes', 0):,} | {shown} | `{json.dumps(record.get('runtime') or {})}` |")
+        settings = json.dumps(record.get("runtime") or {})
+        rows.append(f"| {name} | `{record['file']}` | {record.get('bytes', 0):,} | {shown} | `{settings}` |")
     mean = ", ".join(f"{m:.4f}" for m in p["mean"])
     std = ", ".join(f"{s:.4f}" for s in p["std"])
     return f"""# {top}: model bundle for a device
@@ -185,7 +186,8 @@ def check_members(tar: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]:
             base = (root / name).parent if member.issym() else root
             link = Path(os.path.realpath(base / member.linkname))
             if member.linkname.startswith("/") or (link != root and root not in link.parents):
-                raise UnsafeArchiveError(f"refusing archive member {name!r}: link to {member.linkname!r} leaves the target folder")
+                raise UnsafeArchiveError(f"refusing archive member {name!r}: link to {member.linkname!r} "
+                                         "leaves the target folder")
         elif not (member.isfile() or member.isdir()):
             raise UnsafeArchiveError(f"refusing archive member {name!r}: not a regular file or folder")
     return members

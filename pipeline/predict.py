@@ -232,7 +232,7 @@ def read_inputs(paths: list[Path], preprocess: Preprocess, invert: bool = False)
                 raise DataError(f"{path}: --invert applies to 8-bit images only, this array is {array.dtype}")
             x = preprocess.apply(batch)
         names = [str(path)] if len(x) == 1 else [f"{path}[{i}]" for i in range(len(x))]
-        samples.extend(Sample(name, row) for name, row in zip(names, x))
+        samples.extend(Sample(name, row) for name, row in zip(names, x, strict=True))
     return samples
 
 
@@ -320,7 +320,7 @@ def classify(model: LoadedModel, samples: list[Sample], top_k: int = 3) -> list[
     k = min(top_k, probabilities.shape[1])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [Prediction(sample.name, tuple((int(i), model.labels[int(i)], float(row[i])) for i in top))
-            for sample, row, top in zip(samples, probabilities, order)]
+            for sample, row, top in zip(samples, probabilities, order, strict=True)]
 
 
 def predict(target: Path, inputs: list[Path], config: PredictConfig) -> tuple[LoadedModel, list[Prediction]]:

@@ -21,7 +21,7 @@ from pipeline import artifacts
 from pipeline.cli import app
 from pipeline.config import PackConfig
 from pipeline.pack import UnsafeArchiveError, extract, pack
-from tests.test_predict import digits_test_split, export_fp32, reference_labels, to_8bit, write_pngs
+from tests.test_predict import digits_test_split, reference_labels, to_8bit, write_pngs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,12 +38,10 @@ sys.meta_path.insert(0, _NoTorch())
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_run_master) -> Path:
-    run = tmp_path_factory.mktemp("pack") / "digits"
-    shutil.copytree(tiny_run_master, run)
-    export_fp32(run)
-    return run
+@pytest.fixture
+def exported(exported_run_master) -> Path:
+    """The shared exported tiny run (issue 3's `export_run`): read it, never change it."""
+    return exported_run_master
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +104,9 @@ def test_device_runner_agrees_with_predict(exported, no_torch_env, tmp_path):
     assert result.returncode == 0, result.stderr
     predicted = CliRunner().invoke(app, ["predict", str(exported), *map(str, pngs), "--json", "--top-k", "2"])
     assert predicted.exit_code == 0, predicted.output
-    for line, p in zip(result.stdout.splitlines(), json.loads(predicted.stdout)["predictions"]):
+    lines, predictions = result.stdout.splitlines(), json.loads(predicted.stdout)["predictions"]
+    assert len(lines) == len(predictions) == len(pngs)
+    for line, p in zip(lines, predictions, strict=True):
         fields = line.split()
         assert [fields[0], fields[2]] == [t["label"] for t in p["top"]]
         assert abs(float(fields[1]) - p["top"][0]["probability"]) < 1e-4

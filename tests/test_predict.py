@@ -36,49 +36,17 @@ class _BlockTorch:
             raise ImportError(f"torch is blocked in this test ({name})")
         return None
 sys.meta_path.insert(0, _BlockTorch())
-atexit.register(lambda: print("TORCH_ATTEMPTS=" + json.dumps(attempts + [m for m in sys.modules if m == "torch"]), file=sys.stderr))
+def _report():
+    loaded = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+    print("TORCH_ATTEMPTS=" + json.dumps(attempts + loaded), file=sys.stderr)
+atexit.register(_report)
 """
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_run_master) -> Path:
-    """A tiny run with its fp32 model exported and recorded; the shared export fixture once it lands."""
-    run = tmp_path_factory.mktemp("predict") / "run"
-    shutil.copytree(tiny_run_master, run)
-    export_fp32(run)
-    return run
-
-
-def export_fp32(run: Path) -> None:
-    """Export with the shared export stage when present, else plainly with torch.onnx (dynamo) and a hand-written record."""
-    try:
-        from pipeline.workflow import export_run  # noqa: F401  (issue 3)
-    except ImportError:
-        export_run = None
-    if export_run is not None:
-        from pipeline.config import ExportConfig
-
-        export_run(run, ExportConfig())
-        return
-    import torch
-
-    from pipeline.train import load_checkpoint
-
-    model, _ = load_checkpoint(run / artifacts.CHECKPOINT)
-    p = artifacts.read_manifest(run)["preprocess"]
-    program = torch.onnx.export(model, (torch.zeros(2, p["channels"], *p["size"]),), dynamo=True, external_data=False,
-                                input_names=["input"], output_names=["logits"],
-                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    program.save(str(run / "model.onnx"))
-    path = run / "model.onnx"
-
-    def change(m: dict) -> None:
-        m["artifacts"]["fp32"] = {"file": "model.onnx", "kind": "fp32", "parent": None,
-                                  "sha256": artifacts.sha256_file(path), "bytes": path.stat().st_size,
-                                  "runtime": {"graph_optimization_level": "all", "disabled_optimizers": []}}
-        m["recommended"] = "fp32"
-
-    artifacts.update_manifest(run, change)
+@pytest.fixture
+def exported(exported_run_master) -> Path:
+    """The shared exported tiny run (issue 3's `export_run`): read it, never change it."""
+    return exported_run_master
 
 
 def digits_test_split(run: Path, n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray]:

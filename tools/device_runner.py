@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read image: {exc}", file=sys.stderr)
         return 2
     probabilities = classify(session, batch)
-    for path, row in zip(args.images, probabilities):
+    for path, row in zip(args.images, probabilities):  # noqa: B905 (zip(strict=) is Python 3.10+; devices may run 3.8)
         top = np.argsort(-row, kind="stable")[:max(args.top_k, 1)]
         ranked = " ".join(f"{labels[i]} {row[i]:.4f}" for i in top)
         print(f"{ranked} {path}")

@@ -22,7 +22,7 @@ def predict(
     variant: Annotated[Optional[str], typer.Option(help="Artifact to run (fp32, int8, ...). "
                                                         "Default: the manifest's recommended variant, else fp32.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per input.")] = 3,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (default: the artifact's setting).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="ORT intra-op threads (default: the artifact's runtime).")] = None,
     invert: Annotated[bool, typer.Option(help="Invert 8-bit inputs: dark ink on light paper.")] = False,
     assume: Annotated[bool, typer.Option(help="Bare .onnx without manifest or metadata: assume pixels/255, "
                                               "mean 0, std 1, labels 0..K-1.")] = False,
