@@ -87,7 +87,7 @@ def _quiet_exporter():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
         if buffer.getvalue().strip():
             log.debug("torch.onnx.export said: %s", buffer.getvalue().strip())

@@ -99,7 +99,8 @@ def audit_graph(model: onnx.ModelProto) -> GraphAudit:
             elif node.domain in STANDARD_DOMAINS and node.op_type == "BatchNormalization":
                 training = any(a.name == "training_mode" and a.i for a in node.attribute)
                 if training or len([o for o in node.output if o]) > 1:
-                    findings.append(Finding(name, node.op_type, "BatchNormalization in training mode (updates running statistics)"))
+                    reason = "BatchNormalization in training mode (updates running statistics)"
+                    findings.append(Finding(name, node.op_type, reason))
             elif node.domain not in STANDARD_DOMAINS and ("Dropout" in node.op_type or "Random" in node.op_type):
                 findings.append(Finding(name, f"{node.domain}.{node.op_type}", "custom-domain dropout/random op"))
     return GraphAudit(tuple(findings), tuple(inert))

@@ -19,17 +19,19 @@ from pipeline.commands.options import console, int_list
 def export(
     run: Annotated[Path, typer.Option(help="Run folder (from `pipeline train`) whose checkpoint is exported; "
                                            "model.onnx is written into it.")] = Path("models/digits"),
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Export this checkpoint instead of the run's own. With --out: "
-                                                             "a new run folder is made around it; without: it must belong to --run "
-                                                             "(same labels, preprocessing, architecture and data).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Export this checkpoint instead of the run's own. With --out: a new run folder is made around it; "
+             "without: it must belong to --run (same labels, preprocessing, architecture and data).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="With --checkpoint: the new run folder to create (refused if it exists, "
                                                       "unless --force).")] = None,
     force: Annotated[bool, typer.Option(help="With --out: replace an existing folder.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset of the exported file (17-23; 18 is what torch's exporter emits natively).")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset of the exported file (17-23; 18 is what torch's exporter "
+                                            "emits natively).")] = 18,
     tolerance: Annotated[float, typer.Option(help="Largest max abs logit difference allowed vs PyTorch eval().")] = 1e-4,
     parity_batches: Annotated[str, typer.Option(help="Batch sizes of real validation images for the parity check.")] = "1,7,256",
-    skip_simplify: Annotated[bool, typer.Option("--skip-simplify", help="Ship the raw export without onnxsim "
-                                                                         "(otherwise a missing or failing onnxsim stops the export).")] = False,
+    skip_simplify: Annotated[bool, typer.Option(
+        "--skip-simplify", help="Ship the raw export without onnxsim (otherwise a missing or failing onnxsim "
+                                "stops the export).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest records as JSON on stdout.")] = False,
 ) -> None:
     """Export a trained model to one self-contained ONNX file, with proof that dropout is gone.
@@ -84,11 +86,13 @@ def show(result) -> str:
     def verdict(ok: bool) -> str:
         return "[green]pass[/]" if ok else "[red]FAIL[/]"
 
-    table.add_row("graph: no active dropout / random / training BN", verdict(raw["graph"]["passed"]), verdict(shipped["graph"]["passed"]))
+    table.add_row("graph: no active dropout / random / training BN", verdict(raw["graph"]["passed"]),
+                  verdict(shipped["graph"]["passed"]))
     table.add_row("op histogram = dropout-0 twin", verdict(not raw["histogram_diff"]), verdict(not shipped["histogram_diff"]))
     table.add_row("bit-identical runs (ORT_DISABLE_ALL)", verdict(raw["deterministic"]), verdict(shipped["deterministic"]))
     for batch, diff in raw["parity_max_abs_diff"].items():
-        table.add_row(f"max abs diff vs torch eval(), batch {batch}", f"{diff:.2e}", f"{shipped['parity_max_abs_diff'][batch]:.2e}")
+        table.add_row(f"max abs diff vs torch eval(), batch {batch}", f"{diff:.2e}",
+                      f"{shipped['parity_max_abs_diff'][batch]:.2e}")
     table.add_row("max abs diff, ORT optimizations on", "", f"{shipped['parity_optimized_max_abs_diff']:.2e}")
     table.add_row("ReferenceEvaluator vs ORT", "", f"{shipped['reference_max_abs_diff']:.2e}")
     nodes = result.export["nodes"]
@@ -102,7 +106,8 @@ def show(result) -> str:
                      "  (raw: " + ", ".join(f"{op} {n}" for op, n in histograms["raw"].items()) + ")"))
     differing = check["differing_predictions"]
     colour = "green" if differing == 0 else "yellow"
-    console.print(f"test accuracy: ONNX Runtime {100 * check['ort_test_accuracy']:.2f}%, PyTorch {100 * check['torch_test_accuracy']:.2f}% "
+    console.print(f"test accuracy: ONNX Runtime {100 * check['ort_test_accuracy']:.2f}%, "
+                  f"PyTorch {100 * check['torch_test_accuracy']:.2f}% "
                   f"on {check['test_images']} images; [{colour}]{differing} predictions differ[/]")
     if result.dropped:
         console.print(f"[yellow]removed stale records derived from the previous model.onnx: {', '.join(result.dropped)}[/]")

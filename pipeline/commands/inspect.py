@@ -88,7 +88,8 @@ def _show(facts: dict) -> None:
         table.add_row(f"metadata {key}", value if len(value) <= 100 else value[:97] + "...")
     if facts["manifest"]:
         match = facts["manifest"]
-        table.add_row("manifest", f"variant {match['variant']}, sha256 {'matches' if match['sha256_matches'] else '[red]DIFFERS[/]'}")
+        sha = "matches" if match["sha256_matches"] else "[red]DIFFERS[/]"
+        table.add_row("manifest", f"variant {match['variant']}, sha256 {sha}")
     audit = facts["dropout_audit"]
     if audit["passed"]:
         inert = f" ({len(audit['inert_dropouts'])} inert Dropout nodes)" if audit["inert_dropouts"] else ""
