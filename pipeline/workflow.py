@@ -591,3 +591,111 @@ def _variants_table(records: dict) -> list[dict]:
             "latency_ratio": {k: v["ratio"] for k, v in latency.items() if k.startswith("batch_")} or None,
         })
     return rows
+
+
+# --- MC dropout: model.mc.onnx, dropout active at inference, with uncertainty outputs -------
+
+MC_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
+
+
+@dataclass(frozen=True)
+class MCRun:
+    run_dir: Path
+    model_path: Path
+    plot_path: Path
+    record: dict
+    """The manifest's artifacts["mc"] record as written."""
+
+
+def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None = None) -> MCRun:
+    """Export the run's checkpoint as `model.mc.onnx` (Monte Carlo dropout), verify and evaluate it.
+
+    export (masks from random ops) -> verification (random ops survive every ORT level and onnxsim,
+    runs differ, accuracy gate, convergence) -> usefulness (OOD AUROC, rejection curve) -> the file
+    takes its name only when every check passed -> plot -> manifest artifacts["mc"]. The fp32
+    `model.onnx`, if exported, is checked untouched and still passing its dropout audit. `config`
+    is an `MCConfig`.
+    """
+    import time
+
+    from pipeline import mc, verify
+    from pipeline.onnxfile import io_signature, load_model, opset
+
+    step = on_step or (lambda name: None)
+    run_dir = Path(run_dir)
+    manifest = artifacts.read_manifest(run_dir)
+    _check_writable(run_dir)
+    checkpoint = run_dir / manifest["training"]["checkpoint"]
+    step("load checkpoint and data")
+    reference = mc.load_reference(run_dir, manifest)
+    fp32_before = _fp32_state(run_dir, manifest)
+    seconds = {}
+    target = run_dir / mc.MC_FILE
+    checkpoint_sha = artifacts.sha256_file(checkpoint)
+    metadata = {"labels": json.dumps(manifest["labels"]), "preprocess": json.dumps(manifest["preprocess"]),
+                "source_checkpoint_sha256": checkpoint_sha, "pipeline_version": artifacts.versions()["pipeline"]}
+    try:
+        with artifacts.atomic_path(target) as tmp:
+            started = time.perf_counter()
+            step(f"export the MC dropout model ({config.samples} samples)")
+            mc.export_mc(checkpoint, tmp, config, metadata)
+            seconds["export"] = time.perf_counter() - started
+            started = time.perf_counter()
+            step("verify: random ops, ORT levels, onnxsim, accuracy, convergence")
+            verification = mc.verify_mc(tmp, reference, config, MC_RUNTIME)
+            seconds["verify"] = time.perf_counter() - started
+            started = time.perf_counter()
+            step("evaluate: out-of-distribution AUROC, rejection curve")
+            evaluation = mc.evaluate_uncertainty(tmp, reference, config, MC_RUNTIME, verification.test_outputs)
+            seconds["evaluate"] = time.perf_counter() - started
+            written = load_model(tmp)
+            sha256, size = artifacts.sha256_file(tmp), tmp.stat().st_size
+    except OSError as exc:
+        raise artifacts.RunFolderError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+    step("plot and record")
+    plot = run_dir / mc.PLOT_FILE
+    accuracy = verification.record["accuracy"]
+    mc.plot_uncertainty(evaluation, plot, f"MC dropout, N={config.samples}: test accuracy {100 * accuracy['mc']:.2f}% "
+                                          f"(deterministic {100 * accuracy['deterministic']:.2f}%)")
+    fp32_after = _fp32_state(run_dir, manifest)
+    if fp32_before != fp32_after or (fp32_after and not fp32_after["audit_passed"]):
+        raise mc.MCVerificationError(f"{run_dir / FP32_FILE}: changed or no longer passes its dropout audit "
+                                     f"during the MC export (before {fp32_before}, after {fp32_after})")
+    mc_audit = verify.audit_graph(written)
+    signature = io_signature(written)
+    record = {
+        "file": mc.MC_FILE, "kind": "mc", "parent": None, "sha256": sha256, "bytes": size,
+        "opset": opset(written), "ir_version": written.ir_version,
+        "input": signature["inputs"][0], "output": signature["outputs"][0],
+        "outputs": [{**value, "meaning": mc.OUTPUT_MEANINGS[value["name"]]} for value in signature["outputs"]],
+        "samples": config.samples,
+        "test_accuracy": accuracy["mc"],
+        "runtime": dict(MC_RUNTIME),
+        "randomness": ("dropout masks come from RandomUniformLike ops: every run draws new masks. "
+                       "Call onnxruntime.set_seed(s) before creating a session to make a process reproducible."),
+        "verification": {"passed": True, **verification.record,
+                         "fp32_untouched": fp32_after or {"exported": False},
+                         "deterministic_audit_on_mc": {"passed": mc_audit.passed, "findings": len(mc_audit.findings),
+                                                       "note": "expected to fail: this model is random on purpose"},
+                         "source_checkpoint_sha256": checkpoint_sha},
+        "evaluation": {**evaluation.record, "plot": mc.PLOT_FILE},
+        "config": to_dict(config),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "created": artifacts.now_iso(),
+    }
+    artifacts.update_manifest(run_dir, lambda m: m.setdefault("artifacts", {}).__setitem__("mc", record))
+    return MCRun(run_dir, target, plot, record)
+
+
+def _fp32_state(run_dir: Path, manifest: dict) -> dict | None:
+    """sha256 of model.onnx (recorded and on disk) and whether it passes the dropout audit; None if not exported."""
+    from pipeline import verify
+    from pipeline.onnxfile import load_model
+
+    record = manifest.get("artifacts", {}).get("fp32")
+    path = Path(run_dir) / FP32_FILE
+    if record is None or not path.is_file():
+        return None
+    return {"sha256": artifacts.sha256_file(path), "matches_manifest": artifacts.sha256_file(path) == record.get("sha256"),
+            "audit_passed": verify.audit_graph(load_model(path)).passed}
