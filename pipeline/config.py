@@ -356,7 +356,8 @@ class QuantizeConfig:
     percentile: float = 99.999
     """Percentile of |activations| kept by the `percentile` method."""
     op_types: tuple[str, ...] = ()
-    """Op types to quantize (e.g. Conv, Gemm); empty: every op type onnxruntime can quantize."""
+    """Op types to quantize (e.g. Conv, Gemm); empty: every op type onnxruntime can quantize statically,
+    and only MatMul dynamically (ConvInteger is slower than fp32 Conv on x86: Conv stays float)."""
     nodes_to_exclude: tuple[str, ...] = ()
     """Node names (of the pre-processed model) kept in fp32 from the start."""
     keep_first_conv_fp32: bool = False
