@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.commands import quantize as q
 from pipeline.commands.options import console, int_list
 
 
@@ -32,6 +33,24 @@ def export(
     skip_simplify: Annotated[bool, typer.Option(
         "--skip-simplify", help="Ship the raw export without onnxsim (otherwise a missing or failing onnxsim "
                                 "stops the export).")] = False,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Also build model.int8.onnx, gated on test accuracy "
+                                                             "(see `pipeline quantize --help`).")] = False,
+    dynamic: q.Dynamic = False,
+    quant_method: q.Method = "minmax",
+    quant_format: q.Format = "qdq",
+    per_channel: q.PerChannel = False,
+    activation_type: q.ActivationType = "int8",
+    weight_type: q.WeightType = "int8",
+    calibration_samples: q.CalibrationSamples = 256,
+    calibration_seed: q.CalibrationSeed = 0,
+    max_accuracy_drop: q.MaxAccuracyDrop = 0.5,
+    max_excluded_nodes: q.MaxExcluded = 1,
+    exclude_nodes: q.ExcludeNodes = None,
+    keep_first_conv_fp32: q.KeepFirstConv = False,
+    disable_optimizers: q.DisableOptimizers = None,
+    speed_check: q.SpeedCheck = True,
+    speed_batch: q.SpeedBatch = 256,
+    fp16: q.Fp16 = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest records as JSON on stdout.")] = False,
 ) -> None:
     """Export a trained model to one self-contained ONNX file, with proof that dropout is gone.
@@ -48,6 +67,13 @@ def export(
 
     config = ExportConfig(opset=opset, tolerance=tolerance, parity_batch_sizes=int_list(parity_batches, "--parity-batches"),
                           skip_simplify=skip_simplify)
+    if fp16 and not quantize:
+        raise ValueError("--fp16 is built by the quantize step: add --quantize (or run `pipeline quantize RUN --fp16`)")
+    # Built before the export, so a bad quantize option fails before any work.
+    quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
+                                             calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
+                                             exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
+                                             speed_batch, fp16)
     if out is not None and checkpoint is None:
         raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
     with console.status("export") as status:
@@ -64,6 +90,8 @@ def export(
     summary = show(result)
 
     # Follow-up steps on the exported fp32 model go here, each as `if option: report[key] = ...`.
+    if quantize:
+        report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))

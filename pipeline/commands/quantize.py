@@ -61,17 +61,25 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
     return config, (Fp16Config() if fp16 else None)
 
 
-def run(run_dir: Path, config, fp16_config, as_json: bool = False) -> None:
-    """One `workflow.quantize_run` call with a spinner, then the variants table (or JSON on stdout)."""
+def follow_up(run_dir: Path, config, fp16_config) -> dict:
+    """One `workflow.quantize_run` call with a spinner, the variants table on stderr; returns the JSON report.
+
+    `pipeline export --quantize` calls this after the fp32 export, `pipeline quantize` on its own.
+    """
     from pipeline.workflow import quantize_run
 
     with console.status("quantize") as status:
         result = quantize_run(run_dir, config, fp16_config, on_step=lambda name: status.update(f"quantize: {name}"))
-    if as_json:
-        typer.echo(json.dumps({"run_dir": str(run_dir), "variant": result.variant, "recommended": result.recommended,
-                               "recommended_reason": result.recommended_reason, "variants": result.variants,
-                               "warnings": list(result.warnings), "record": result.record}, indent=2))
     show(result)
+    return {"run_dir": str(run_dir), "variant": result.variant, "recommended": result.recommended,
+            "recommended_reason": result.recommended_reason, "variants": result.variants,
+            "warnings": list(result.warnings), "record": result.record, "fp16": result.fp16_record}
+
+
+def run(run_dir: Path, config, fp16_config, as_json: bool = False) -> None:
+    report = follow_up(run_dir, config, fp16_config)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
 
 
 def show(result) -> None:
