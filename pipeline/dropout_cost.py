@@ -74,8 +74,10 @@ def _latency_verdicts(records: list[dict], name_a: str, name_b: str) -> list[dic
             continue
         ratio = ra["latency_ms"]["p50"] / rb["latency_ms"]["p50"]
         per_round = [x / y for x, y in zip(ra["round_p50_ms"], rb["round_p50_ms"], strict=True)]
-        spread = max(abs(r - ratio) for r in per_round) if per_round else 0.0
-        tolerance = max(spread, NOISE_FLOOR)
+        # The spread of the paired per-round ratios, robustly (a neighbour's burst in one round must not
+        # widen the band to anything): 3 scaled median absolute deviations, at least the noise floor.
+        mad = float(np.median(np.abs(np.asarray(per_round) - np.median(per_round)))) if per_round else 0.0
+        tolerance = max(3 * 1.4826 * mad, NOISE_FLOOR)
         verdicts.append({"batch": batch, "threads": threads, "p50_ms_with": ra["latency_ms"]["p50"],
                          "p50_ms_without": rb["latency_ms"]["p50"], "ratio": ratio, "round_ratios": per_round,
                          "tolerance": tolerance, "equal_within_noise": abs(ratio - 1.0) <= tolerance})
@@ -126,7 +128,7 @@ def answer(identical: bool, verdicts: list[dict], train_a: dict, train_b: dict, 
         parts.append("The fp32 exports' op histograms DIFFER: the export with dropout keeps ops the other lacks.")
     if verdicts:
         same = all(v["equal_within_noise"] for v in verdicts)
-        detail = "; ".join(f"batch {v['batch']}: {v['ratio']:.3f} (noise +/-{v['tolerance']:.3f})" for v in verdicts)
+        detail = "; ".join(f"batch {v['batch']}: {v['ratio']:.3f} (tolerance +/-{v['tolerance']:.3f})" for v in verdicts)
         verdict = "equal within noise" if same else "NOT equal within noise"
         parts.append(f"Inference latency with/without dropout (p50 ratio, interleaved): {detail}: {verdict}.")
     sa, sb = train_a["median_epoch_seconds"], train_b["median_epoch_seconds"]

@@ -54,6 +54,7 @@ def plot_latency(records: list[dict], path: Path, title: str) -> None:
         if r.get("status") == "ok":
             lines.setdefault(f"{r['artifact']} / {r['provider']} / {r['threads']}t", []).append(r)
     fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig.subplots_adjust(wspace=0.3)
     for label, rows in sorted(lines.items()):
         rows = sorted(rows, key=lambda r: r["batch"])
         batches = [r["batch"] for r in rows]

@@ -263,6 +263,23 @@ def test_torch_baseline_runs_the_same_inputs_and_threads(cnn_runs):
     assert "speedup_vs_torch" not in by_key["torch", 1]
 
 
+def test_latency_verdict_tells_a_real_difference_from_one_noisy_round():
+    from pipeline import dropout_cost
+
+    def records(with_rounds, without_rounds):
+        def one(name, rounds):
+            return {"artifact": name, "batch": 1, "threads": 1, "status": "ok", "round_p50_ms": rounds,
+                    "latency_ms": {"p50": float(np.median(rounds))}}
+        return [one("a", with_rounds), one("b", without_rounds)]
+
+    # One round hit by a neighbour's burst (x20) does not make everything "equal within noise" ...
+    (burst,) = dropout_cost._latency_verdicts(records([1.0, 1.0, 20.0, 1.01, 0.99], [1.0] * 5), "a", "b")
+    assert burst["equal_within_noise"] is True and burst["tolerance"] < 0.1
+    # ... and a steady 30% difference is reported as one (the negative control).
+    (slower,) = dropout_cost._latency_verdicts(records([1.3, 1.31, 1.29, 1.3, 1.32], [1.0] * 5), "a", "b")
+    assert slower["equal_within_noise"] is False and slower["ratio"] == pytest.approx(1.3)
+
+
 @pytest.mark.slow
 def test_dropout_comparison_identical_graphs_and_training_cost(cnn_runs):
     from pipeline import dropout_cost
@@ -329,3 +346,18 @@ def test_cuda_check_skips_cleanly_without_a_gpu():
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("SKIP: ") and ("CUDA" in proc.stdout or "GPU" in proc.stdout)
+
+
+@pytest.mark.slow
+def test_bench_reads_the_manifest_export_run_writes(exported_run):
+    """Integration with the export stage's manifest record (runtime settings, sha256) and the trained checkpoint."""
+    from pipeline.baseline import run_baseline
+
+    targets = bench.run_targets(exported_run)
+    assert "fp32" in [t.name for t in targets]
+    doc = bench.benchmark([*targets, run_baseline(exported_run)], BenchConfig(**QUICK)).to_json()
+    assert bench.schema_problems(doc) == []
+    fp32 = [r for r in doc["records"] if r["artifact"] == "fp32"]
+    assert [r["batch"] for r in fp32] == [1, 4] and all("speedup_vs_torch" in r for r in fp32)
+    manifest_runtime = artifacts.read_manifest(exported_run)["artifacts"]["fp32"].get("runtime", {})
+    assert all(r["optimization_level"] == manifest_runtime.get("graph_optimization_level", "all") for r in fp32)
