@@ -71,7 +71,7 @@ def simplify_model(model: onnx.ModelProto, check_n: int = 3, batch: int = 2) -> 
 
 
 def _test_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]] | None:
-    """Concrete shapes for onnxsim's check: dynamic dimensions set to `batch`; None when some are unknown."""
+    """Concrete shapes for onnxsim's check, dynamic dimensions set to `batch` (onnxsim would use 1); None without inputs."""
     initializers = {t.name for t in model.graph.initializer}
     shapes = {}
     for value in model.graph.input:
