@@ -218,6 +218,9 @@ def test_recommendation_rules():
     assert name == "fp32" and "1.30x" in reason and "batch 1" in reason
     assert _recommend({"fp32": {"kind": "fp32"}, "int8": {"kind": "int8", "latency": {"checked": False}}}, 0.05)[0] == "fp32"
     assert _recommend({"fp32": {"kind": "fp32"}, "a": int8(0.9, 0.9), "b": int8(0.7, 0.8)}, 0.05)[0] == "b"
+    # The default recipe wins over another variant whose ratios came from another, noisier speed check.
+    assert _recommend({"fp32": {"kind": "fp32"}, "int8": int8(0.9, 0.9), "b": int8(0.7, 0.8)}, 0.05)[0] == "int8"
+    assert _recommend({"fp32": {"kind": "fp32"}, "int8": int8(1.2, 0.9), "b": int8(0.7, 0.8)}, 0.05)[0] == "b"
 
 
 def test_config_rejects_bad_values():
