@@ -27,6 +27,8 @@ from pipeline.onnxfile import load_model, op_histogram
 DROPOUT_FIELDS = ("dropout", "spatial_dropout")
 NOISE_FLOOR = 0.05
 """Latency differences under 5% are not told apart from noise on a shared machine, whatever the rounds say."""
+INCONCLUSIVE = 0.25
+"""A tolerance wider than 25% says the machine was too noisy to answer at that batch size (more --rounds/--duration)."""
 
 
 class ComparisonError(PipelineError):
@@ -80,7 +82,9 @@ def _latency_verdicts(records: list[dict], name_a: str, name_b: str) -> list[dic
         tolerance = max(3 * 1.4826 * mad, NOISE_FLOOR)
         verdicts.append({"batch": batch, "threads": threads, "p50_ms_with": ra["latency_ms"]["p50"],
                          "p50_ms_without": rb["latency_ms"]["p50"], "ratio": ratio, "round_ratios": per_round,
-                         "tolerance": tolerance, "equal_within_noise": abs(ratio - 1.0) <= tolerance})
+                         "tolerance": tolerance, "equal_within_noise": abs(ratio - 1.0) <= tolerance <= INCONCLUSIVE,
+                         "verdict": ("inconclusive" if tolerance > INCONCLUSIVE
+                                     else "equal" if abs(ratio - 1.0) <= tolerance else "different")})
     return verdicts
 
 
@@ -127,15 +131,17 @@ def answer(identical: bool, verdicts: list[dict], train_a: dict, train_b: dict, 
     else:
         parts.append("The fp32 exports' op histograms DIFFER: the export with dropout keeps ops the other lacks.")
     if verdicts:
-        same = all(v["equal_within_noise"] for v in verdicts)
-        detail = "; ".join(f"batch {v['batch']}: {v['ratio']:.3f} (tolerance +/-{v['tolerance']:.3f})" for v in verdicts)
-        verdict = "equal within noise" if same else "NOT equal within noise"
-        parts.append(f"Inference latency with/without dropout (p50 ratio, interleaved): {detail}: {verdict}.")
+        detail = "; ".join(f"batch {v['batch']}: {v['ratio']:.3f} (tolerance +/-{v['tolerance']:.3f}, {v['verdict']})"
+                           for v in verdicts)
+        parts.append(f"Inference latency with/without dropout (p50 ratio, interleaved rounds): {detail}.")
     sa, sb = train_a["median_epoch_seconds"], train_b["median_epoch_seconds"]
     if sa and sb:
         parts.append(f"Training: {sa:.3f} s/epoch with dropout {rates['dropout']:g} vs {sb:.3f} without "
                      f"({100 * (sa / sb - 1):+.1f}%, median epoch from each run's metrics.json; the two runs trained at "
                      f"different times, not interleaved, so this includes any change in the machine's load).")
-    if identical and verdicts and all(v["equal_within_noise"] for v in verdicts):
-        parts.append("So dropout costs nothing at inference; any cost is in training only.")
+    kinds = {v["verdict"] for v in verdicts}
+    if identical and "equal" in kinds and "different" not in kinds:
+        parts.append("So dropout costs nothing at inference; its cost is in training only.")
+    if "inconclusive" in kinds:
+        parts.append("Where inconclusive, the machine was too noisy at that batch size: rerun with more --rounds or --duration.")
     return " ".join(parts)

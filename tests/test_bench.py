@@ -278,6 +278,12 @@ def test_latency_verdict_tells_a_real_difference_from_one_noisy_round():
     # ... and a steady 30% difference is reported as one (the negative control).
     (slower,) = dropout_cost._latency_verdicts(records([1.3, 1.31, 1.29, 1.3, 1.32], [1.0] * 5), "a", "b")
     assert slower["equal_within_noise"] is False and slower["ratio"] == pytest.approx(1.3)
+    assert (burst["verdict"], slower["verdict"]) == ("equal", "different")
+    # Rounds all over the place answer nothing.
+    (noisy,) = dropout_cost._latency_verdicts(records([0.1, 0.3, 1.0, 1.5, 2.0], [1.0] * 5), "a", "b")
+    assert noisy["verdict"] == "inconclusive" and noisy["equal_within_noise"] is False
+    text = dropout_cost.answer(True, [noisy], {"median_epoch_seconds": None}, {"median_epoch_seconds": None}, {"dropout": 0.5})
+    assert "inconclusive" in text and "costs nothing" not in text
 
 
 @pytest.mark.slow
