@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.commands import mc as m
 from pipeline.commands import quantize as q
 from pipeline.commands.options import console, int_list
 
@@ -51,6 +52,10 @@ def export(
     speed_check: q.SpeedCheck = True,
     speed_batch: q.SpeedBatch = 256,
     fp16: q.Fp16 = False,
+    mc_dropout: m.McDropout = False,
+    mc_samples: m.McSamples = 32,
+    mc_max_accuracy_drop: m.McMaxAccuracyDrop = 0.5,
+    mc_ood_data: m.McOodData = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest records as JSON on stdout.")] = False,
 ) -> None:
     """Export a trained model to one self-contained ONNX file, with proof that dropout is gone.
@@ -74,6 +79,7 @@ def export(
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
                                              exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
                                              speed_batch, fp16)
+    mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
     with console.status("export") as status:
@@ -92,6 +98,8 @@ def export(
     # Follow-up steps on the exported fp32 model go here, each as `if option: report[key] = ...`.
     if quantize:
         report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
+    if mc_dropout:
+        report["mc"] = m.follow_up(result.run_dir, mc_config)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))
