@@ -238,3 +238,41 @@ def test_cli_bad_inputs_are_one_line_errors_and_write_nothing(tiny_run, tmp_path
     assert_one_line_error(runner.invoke(app, ["export", "--run", run]), "not a readable checkpoint", code=5)
     assert not list(tiny_run.glob("*.onnx*"))
     assert manifest_of(tiny_run)["artifacts"] == {}
+
+
+# --- onnxsim: its check is consumed, its absence or failure stops the export ---------------------
+
+
+def _tiny_graph(random: bool) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")]
+    if random:  # an active Dropout: new masks on every run, so onnxsim's own check must notice.
+        # (A RandomUniformLike graph is not a control here: onnxsim's check passed it in our runs.)
+        nodes += [helper.make_node("Dropout", ["r", "ratio", "train"], ["y"], name="drop")]
+    else:
+        nodes += [helper.make_node("Identity", ["r"], ["y"], name="id")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+                              initializer=[helper.make_tensor("ratio", TensorProto.FLOAT, [], [0.5]),
+                                           helper.make_tensor("train", TensorProto.BOOL, [], [True])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_simplify_consumes_onnxsims_own_check():
+    from pipeline.simplify import SimplifyError, simplify_model
+
+    simplified, report = simplify_model(_tiny_graph(random=False))
+    assert report.check_passed and report.nodes_before == 2 and report.nodes_after == len(simplified.graph.node) == 1
+    with pytest.raises(SimplifyError, match="own check failed"):
+        simplify_model(_tiny_graph(random=True))
+    with pytest.raises(ValueError, match="checks nothing"):
+        simplify_model(_tiny_graph(random=False), check_n=0)
+
+
+def test_missing_onnxsim_stops_with_a_hint(monkeypatch):
+    from pipeline.simplify import SimplifyError, simplify_model
+
+    monkeypatch.setitem(sys.modules, "onnxsim", None)  # `import onnxsim` now raises ImportError
+    with pytest.raises(SimplifyError, match="onnxsim is not installed.*--skip-simplify"):
+        simplify_model(_tiny_graph(random=False))
