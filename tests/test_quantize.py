@@ -282,3 +282,23 @@ def test_acceptance_client_reads_only_manifest_and_files(quantized_master, tmp_p
     (tampered / "model.int8.onnx").write_bytes(bytes(data))
     failed = check_quantized.check(tampered, "int8", 0.30, 0.5)
     assert not failed["passed"] and any("sha256" in f for f in failed["failures"])
+
+
+@pytest.mark.slow
+def test_export_quantize_runs_the_quantize_step_after_the_export(tiny_run):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    lonely = runner.invoke(app, ["export", "--run", str(tiny_run), "--fp16"])
+    assert lonely.exit_code == 2 and "--quantize" in lonely.output
+    assert not (tiny_run / "model.onnx").exists()  # a bad option fails before any work
+    result = runner.invoke(app, ["export", "--run", str(tiny_run), "--quantize", "--no-speed-check",
+                                 "--calibration-samples", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["quantize"]["record"]["quantization"]["calibration_images"] == 32
+    manifest = artifacts.read_manifest(tiny_run)
+    assert set(manifest["artifacts"]) == {"fp32", "int8"}
+    assert manifest["artifacts"]["int8"]["sha256"] == sha(tiny_run / "model.int8.onnx")
