@@ -247,3 +247,32 @@ def test_a_failed_check_leaves_no_file_and_no_record(exported_run, monkeypatch):
 
 def _reference(run: Path) -> mc.Reference:
     return mc.load_reference(run, artifacts.read_manifest(run))
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_bad_mc_option_fails_before_any_work(tiny_run):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--run", str(tiny_run), "--mc-dropout", "--mc-samples", "1"])
+    assert result.exit_code == 2 and "MC samples must be in [2, 4096], got 1" in result.output
+    assert not (tiny_run / "model.onnx").exists() and not (tiny_run / "model.mc.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_mc_dropout_command_writes_both_models(tiny_run):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--run", str(tiny_run), "--mc-dropout", "--mc-samples", "8",
+                                      "--mc-max-accuracy-drop", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    manifest = artifacts.read_manifest(tiny_run)
+    assert report["mc"]["record"] == manifest["artifacts"]["mc"] and manifest["artifacts"]["mc"]["samples"] == 8
+    assert manifest["artifacts"]["fp32"]["verification"]["shipped"]["graph"]["passed"]
+    assert (tiny_run / "model.mc.onnx").is_file() and (tiny_run / "mc_uncertainty.png").is_file()
