@@ -102,6 +102,9 @@ def _register() -> None:
     from pipeline.commands import bench as bench_command
 
     app.command("bench")(guarded(bench_command.bench))
+    from pipeline.commands import study as study_command
+
+    app.command("study")(guarded(study_command.study))
 
 
 _register()

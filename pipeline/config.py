@@ -449,3 +449,81 @@ class Fp16Config:
         _require(0 < self.tolerance < 1, f"fp16 tolerance must be in (0, 1), got {self.tolerance}")
         _require(0.0 <= self.max_accuracy_drop <= 100.0, f"max accuracy drop must be in [0, 100] points, got {self.max_accuracy_drop}")
         _require(self.provider in ("cpu", "cuda"), f"fp16 checks run on cpu or cuda, got {self.provider!r}")
+
+
+STUDY_VARIANTS = ("none", "dropout_low", "dropout_high", "spatial_dropout", "l2", "l1", "dropout_l2")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The regularizer study: which variants, seeds, sizes and epochs; the rates each variant uses."""
+
+    variants: tuple[str, ...] = STUDY_VARIANTS
+    """Variants to train: `none`, `dropout_low`, `dropout_high`, `spatial_dropout`, `l2`, `l1`, `dropout_l2`."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds (initialisation, shuffling, dropout masks); the data splits stay the same for all."""
+    train_sizes: tuple[int, ...] = (200, 1000)
+    """Training-set sizes (stratified subsets, `DataConfig.max_train_samples`); a size above what the data has means all of it."""
+    epochs: int = 30
+    """Fixed epoch budget of every run (no early stop; the checkpoint is still the best-validation-loss epoch)."""
+    batch_size: int = 32
+    """Images per optimizer step (small: a small training set still gets enough steps to overfit)."""
+    lr: float = 2e-3
+    """AdamW learning rate (cosine schedule), the same for every variant."""
+    conv_channels: tuple[int, ...] = (32, 64)
+    """Conv block widths of the one architecture every variant shares."""
+    fc_units: tuple[int, ...] = (128,)
+    """Hidden fully connected units of that architecture."""
+    dropout_low: float = 0.25
+    """Rate of the `dropout_low` variant (nn.Dropout before each fully connected layer)."""
+    dropout_high: float = 0.5
+    """Rate of the `dropout_high` and `dropout_l2` variants."""
+    spatial_dropout: float = 0.2
+    """Rate of nn.Dropout2d after each conv block in the `spatial_dropout` variant."""
+    weight_decay: float = 0.5
+    """L2 coefficient of the `l2` and `dropout_l2` variants (AdamW's decoupled weight decay: each step
+    shrinks weights by lr x this, so it needs a larger value than an L2 term in the loss). One untuned setting."""
+    l1: float = 1e-4
+    """L1 coefficient of the `l1` variant (sum of |weights| added to the loss). One untuned setting."""
+    threads: int | None = 1
+    """torch CPU threads for training. 1 by default: for these small models on a loaded machine, two
+    threads measured 6-25x slower per epoch than one (OpenMP threads waiting on each other); None keeps torch's default."""
+    latency_runs: int = 300
+    """Timed batch-1 ONNX Runtime runs per variant (interleaved across variants)."""
+    latency_warmup: int = 20
+    """Untimed runs per variant before timing."""
+    latency_seconds: float = 20.0
+    """Upper bound on the whole timed latency loop; it stops early once past it."""
+    latency_threads: int = 1
+    """ONNX Runtime intra-op threads for the latency measurement (fixed, so runs compare)."""
+    opset: int = 18
+    """ONNX opset of the exported models that are timed (18: what the dynamo exporter emits natively)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.variants) >= 1, "at least one study variant is required")
+        for name in self.variants:
+            _require(name in STUDY_VARIANTS, f"unknown study variant {name!r}: choose from {', '.join(STUDY_VARIANTS)}")
+        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
+        _require(len(self.seeds) >= 1, "at least one seed is required")
+        _require(len(set(self.seeds)) == len(self.seeds), f"seed listed twice: {list(self.seeds)}")
+        _require(all(s >= 0 for s in self.seeds), f"seeds must be >= 0, got {list(self.seeds)}")
+        _require(len(self.train_sizes) >= 1, "at least one training-set size is required")
+        _require(all(n >= 10 for n in self.train_sizes), f"training-set sizes must be >= 10, got {list(self.train_sizes)}")
+        _require(len(set(self.train_sizes)) == len(self.train_sizes), f"training-set size listed twice: {list(self.train_sizes)}")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
+                 f"conv channels must be one or more positive integers, got {self.conv_channels}")
+        _require(all(u >= 1 for u in self.fc_units), f"fc units must be positive integers, got {self.fc_units}")
+        for name in ("dropout_low", "dropout_high", "spatial_dropout"):
+            rate = getattr(self, name)
+            _require(0.0 < rate < 1.0, f"{name.replace('_', ' ')} must be in (0, 1), got {rate}")
+        _require(self.weight_decay > 0, f"weight decay must be > 0 (the l2 variants need it), got {self.weight_decay}")
+        _require(self.l1 > 0, f"l1 must be > 0 (the l1 variant needs it), got {self.l1}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.latency_runs >= 1, f"latency runs must be >= 1, got {self.latency_runs}")
+        _require(self.latency_warmup >= 0, f"latency warmup must be >= 0, got {self.latency_warmup}")
+        _require(self.latency_seconds > 0, f"latency seconds must be > 0, got {self.latency_seconds}")
+        _require(self.latency_threads >= 1, f"latency threads must be >= 1, got {self.latency_threads}")
+        _require(self.opset >= 18, f"study opset must be >= 18 (the dynamo exporter's minimum), got {self.opset}")
