@@ -79,10 +79,13 @@ class Prediction:
     name: str
     top: tuple[tuple[int, str, float], ...]
     """(class index, label, probability), most probable first."""
+    uncertainty: dict[str, float] | None = None
+    """MC dropout models only: {"entropy", "mutual_info"} in nats (see `pipeline.mc.OUTPUT_MEANINGS`)."""
 
     def to_dict(self) -> dict:
         return {"input": self.name, "label": self.top[0][1], "probability": self.top[0][2],
-                "top": [{"index": i, "label": label, "probability": p} for i, label, p in self.top]}
+                "top": [{"index": i, "label": label, "probability": p} for i, label, p in self.top],
+                **({"uncertainty": self.uncertainty} if self.uncertainty else {})}
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -309,18 +312,30 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+MC_OUTPUT_NAMES = ("probs", "entropy", "mutual_info")  # = pipeline.mc.OUTPUT_NAMES
+
+
 def classify(model: LoadedModel, samples: list[Sample], top_k: int = 3) -> list[Prediction]:
     """Top-k labels with probabilities for every sample."""
     from pipeline.runtime import run_batched
 
     if not samples:
         return []
-    logits = run_batched(model.session, np.stack([s.x for s in samples]).astype(np.float32))
-    probabilities = softmax(logits.astype(np.float64))
+    x = np.stack([s.x for s in samples]).astype(np.float32)
+    uncertainty = [None] * len(samples)
+    if tuple(o.name for o in model.session.get_outputs()) == MC_OUTPUT_NAMES:
+        # model.mc.onnx gives probabilities already (the mean over its dropout samples), and uncertainty.
+        from pipeline.mc import run_mc
+
+        out = run_mc(model.session, x)
+        probabilities = out["probs"].astype(np.float64)
+        uncertainty = [{"entropy": float(e), "mutual_info": float(m)} for e, m in zip(out["entropy"], out["mutual_info"])]
+    else:
+        probabilities = softmax(run_batched(model.session, x).astype(np.float64))
     k = min(top_k, probabilities.shape[1])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [Prediction(sample.name, tuple((int(i), model.labels[int(i)], float(row[i])) for i in top))
-            for sample, row, top in zip(samples, probabilities, order, strict=True)]
+    return [Prediction(sample.name, tuple((int(i), model.labels[int(i)], float(row[i])) for i in top), u)
+            for sample, row, top, u in zip(samples, probabilities, order, uncertainty, strict=True)]
 
 
 def predict(target: Path, inputs: list[Path], config: PredictConfig) -> tuple[LoadedModel, list[Prediction]]:

@@ -276,3 +276,26 @@ def test_export_mc_dropout_command_writes_both_models(tiny_run):
     assert report["mc"]["record"] == manifest["artifacts"]["mc"] and manifest["artifacts"]["mc"]["samples"] == 8
     assert manifest["artifacts"]["fp32"]["verification"]["shipped"]["graph"]["passed"]
     assert (tiny_run / "model.mc.onnx").is_file() and (tiny_run / "mc_uncertainty.png").is_file()
+
+
+@pytest.mark.slow
+def test_predict_reads_mc_probabilities_and_uncertainty(mc_run):
+    from pipeline.config import PredictConfig
+    from pipeline.predict import Sample, classify, open_model
+
+    run, _ = mc_run
+    reference = _reference(run)
+    mc_model = open_model(run, PredictConfig(variant="mc"))
+    fp32_model = open_model(run, PredictConfig(variant="fp32"))
+    samples = [Sample(f"test[{i}]", reference.x[i]) for i in range(20)]
+    noisy = classify(mc_model, samples, top_k=10)
+    for p in noisy:
+        # Probabilities are used as they come (no second softmax, which would flatten them towards 1/K).
+        assert sum(prob for _, _, prob in p.top) == pytest.approx(1.0, abs=1e-4)
+        assert 0 <= p.uncertainty["mutual_info"] <= p.uncertainty["entropy"] + 1e-5 <= math.log(10) + 1e-4
+        assert p.to_dict()["uncertainty"] == p.uncertainty
+    # Negative control: the deterministic model carries no uncertainty field.
+    plain = classify(fp32_model, samples)
+    assert all(p.uncertainty is None and "uncertainty" not in p.to_dict() for p in plain)
+    agreement = np.mean([a.top[0][0] == b.top[0][0] for a, b in zip(noisy, plain)])
+    assert agreement >= 0.6

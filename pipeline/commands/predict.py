@@ -26,6 +26,8 @@ def predict(
     invert: Annotated[bool, typer.Option(help="Invert 8-bit inputs: dark ink on light paper.")] = False,
     assume: Annotated[bool, typer.Option(help="Bare .onnx without manifest or metadata: assume pixels/255, "
                                               "mean 0, std 1, labels 0..K-1.")] = False,
+    mc: Annotated[bool, typer.Option("--mc", help="Run the MC dropout model (variant mc, from `export --mc-dropout`) and "
+                                                  "show its uncertainty: predictive entropy and mutual information, nats.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
 ) -> None:
     """Classify images, IDX files or .npy arrays with an exported model, without PyTorch.
@@ -35,6 +37,9 @@ def predict(
     """
     from pipeline.predict import predict as run_predict
 
+    if mc and variant not in (None, "mc"):
+        raise ValueError(f"--mc runs variant mc; it cannot be combined with --variant {variant}")
+    variant = "mc" if mc else variant
     config = PredictConfig(variant=variant, top_k=top_k, threads=threads, invert=invert, assume=assume)
     loaded, predictions = run_predict(model, inputs, config)
     if as_json:
@@ -56,6 +61,11 @@ def _show(loaded, predictions) -> None:
     table.add_column("input", overflow="fold")
     for rank in range(len(predictions[0].top) if predictions else 0):
         table.add_column("top" if rank == 0 else f"#{rank + 1}")
+    uncertain = bool(predictions and predictions[0].uncertainty)
+    if uncertain:  # MC dropout: in nats; entropy <= ln K, mutual information <= entropy
+        table.add_column("entropy")
+        table.add_column("mutual info")
     for p in predictions:
-        table.add_row(p.name, *(f"{label}  {100 * prob:.1f}%" for _, label, prob in p.top))
+        extra = (f"{p.uncertainty['entropy']:.3f}", f"{p.uncertainty['mutual_info']:.3f}") if uncertain else ()
+        table.add_row(p.name, *(f"{label}  {100 * prob:.1f}%" for _, label, prob in p.top), *extra)
     Console().print(table)  # the answer goes to stdout; notes and errors to stderr
