@@ -96,15 +96,18 @@ def _register() -> None:
     from pipeline.commands import pack as pack_command
 
     app.command("pack")(guarded(pack_command.pack))
+    from pipeline.commands import run as run_command
+
+    app.command("run")(guarded(run_command.run))
     from pipeline.commands import quantize as quantize_command
 
     app.command("quantize")(guarded(quantize_command.quantize))
-    from pipeline.commands import bench as bench_command
-
-    app.command("bench")(guarded(bench_command.bench))
     from pipeline.commands import study as study_command
 
     app.command("study")(guarded(study_command.study))
+    from pipeline.commands import bench as bench_command
+
+    app.command("bench")(guarded(bench_command.bench))
 
 
 _register()
