@@ -339,8 +339,9 @@ def verify_mc(path: Path, reference: Reference, config: MCConfig, runtime_settin
     steps = convergence(session, reference.x[subset], det_probs[subset], config.samples, config.convergence_repeats,
                         config.batch_size)
     if steps[-1]["tv_between_independent_estimates"] >= steps[0]["tv_between_independent_estimates"]:
-        failures.append(f"sampling noise does not fall with more samples: {steps[0]['tv_between_independent_estimates']:.4f} "
-                        f"at N={steps[0]['samples']}, {steps[-1]['tv_between_independent_estimates']:.4f} at N={steps[-1]['samples']}")
+        first, last = steps[0], steps[-1]
+        failures.append(f"sampling noise does not fall with more samples: {first['tv_between_independent_estimates']:.4f} "
+                        f"at N={first['samples']}, {last['tv_between_independent_estimates']:.4f} at N={last['samples']}")
     record = {"random_ops": graph_random, "dropout_layers": list(reference.dropout_layers),
               "ort_levels": levels, "onnxsim": simplified, "outputs": bounds,
               "accuracy": {"mc": mc_acc, "deterministic": det_acc, "difference_points": 100 * (mc_acc - det_acc),

@@ -71,7 +71,8 @@ class MCDropoutModel(nn.Module):
         self.num_classes = model.config.num_classes
         self.rates = tuple(mc.p for mc in replaced if mc is not None)
         self.prefix = nn.Sequential(*layers[:first])
-        self.sampled = nn.Sequential(*(mc if mc is not None else layer for layer, mc in zip(layers[first:], replaced[first:])))
+        pairs = zip(layers[first:], replaced[first:], strict=True)
+        self.sampled = nn.Sequential(*(mc if mc is not None else layer for layer, mc in pairs))
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -329,7 +329,8 @@ def classify(model: LoadedModel, samples: list[Sample], top_k: int = 3) -> list[
 
         out = run_mc(model.session, x)
         probabilities = out["probs"].astype(np.float64)
-        uncertainty = [{"entropy": float(e), "mutual_info": float(m)} for e, m in zip(out["entropy"], out["mutual_info"])]
+        uncertainty = [{"entropy": float(e), "mutual_info": float(m)}
+                       for e, m in zip(out["entropy"], out["mutual_info"], strict=True)]
     else:
         probabilities = softmax(run_batched(model.session, x).astype(np.float64))
     k = min(top_k, probabilities.shape[1])

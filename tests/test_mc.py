@@ -297,5 +297,5 @@ def test_predict_reads_mc_probabilities_and_uncertainty(mc_run):
     # Negative control: the deterministic model carries no uncertainty field.
     plain = classify(fp32_model, samples)
     assert all(p.uncertainty is None and "uncertainty" not in p.to_dict() for p in plain)
-    agreement = np.mean([a.top[0][0] == b.top[0][0] for a, b in zip(noisy, plain)])
+    agreement = np.mean([a.top[0][0] == b.top[0][0] for a, b in zip(noisy, plain, strict=True)])
     assert agreement >= 0.6

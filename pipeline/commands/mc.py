@@ -53,13 +53,15 @@ def show(result) -> None:
     table.add_column("result", justify="right")
     for level, info in check["ort_levels"].items():
         ops = ", ".join(f"{op} x{n}" for op, n in info["random_ops"].items())
-        table.add_row(f"ORT level {level}: random ops kept; max diff between two runs", f"{ops}; {info['max_abs_diff_between_runs']:.3g}")
+        table.add_row(f"ORT level {level}: random ops kept; max diff between two runs",
+                      f"{ops}; {info['max_abs_diff_between_runs']:.3g}")
     sim = check["onnxsim"]
     table.add_row("onnxsim: random ops kept; max diff between two runs",
                   f"{', '.join(f'{op} x{n}' for op, n in sim['random_ops'].items())}; {sim['max_abs_diff_between_runs']:.3g}")
     accuracy = check["accuracy"]
     table.add_row("test accuracy: MC mean / deterministic",
-                  f"{100 * accuracy['mc']:.2f}% / {100 * accuracy['deterministic']:.2f}% ({accuracy['difference_points']:+.2f} points)")
+                  f"{100 * accuracy['mc']:.2f}% / {100 * accuracy['deterministic']:.2f}% "
+                  f"({accuracy['difference_points']:+.2f} points)")
     for step in check["convergence"]:
         table.add_row(f"N={step['samples']}: TV to deterministic softmax; sampling noise",
                       f"{step['tv_to_deterministic']:.4f}; {step['tv_between_independent_estimates']:.4f}")
@@ -79,5 +81,5 @@ def show(result) -> None:
     console.print(ood)
     rejection = evaluation["rejection"]
     console.print("rejection (MC entropy): " + ", ".join(
-        f"{100 * f:g}% -> {100 * a:.2f}%" for f, a in zip(rejection["fractions"], rejection["mc_entropy"])
+        f"{100 * f:g}% -> {100 * a:.2f}%" for f, a in zip(rejection["fractions"], rejection["mc_entropy"], strict=True)
         if f in (0.0, 0.02, 0.05, 0.1, 0.2)) + f"  (plot: {result.plot_path})")

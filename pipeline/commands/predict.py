@@ -27,7 +27,7 @@ def predict(
     assume: Annotated[bool, typer.Option(help="Bare .onnx without manifest or metadata: assume pixels/255, "
                                               "mean 0, std 1, labels 0..K-1.")] = False,
     mc: Annotated[bool, typer.Option("--mc", help="Run the MC dropout model (variant mc, from `export --mc-dropout`) and "
-                                                  "show its uncertainty: predictive entropy and mutual information, nats.")] = False,
+                                                  "show its uncertainty: predictive entropy and mutual info, nats.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
 ) -> None:
     """Classify images, IDX files or .npy arrays with an exported model, without PyTorch.
