@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.config import STUDY_VARIANTS, StudyConfig
 
 # Smaller than --quick: one seed, two sizes, a few epochs of a very narrow CNN on the bundled digits.
-TINY_ARGS = ["--seeds", "0", "--train-sizes", "60,300", "--epochs", "6", "--conv-channels", "4,8", "--fc-units", "16"]
+TINY_ARGS = ["--seeds", "0", "--train-sizes", "60,300", "--epochs", "10", "--conv-channels", "8,16", "--fc-units", "32"]
 
 
 def _cli(args: list[str]):
