@@ -112,8 +112,10 @@ def load_image(path: str, preprocess: dict) -> np.ndarray:
 def classify(session, images: np.ndarray) -> np.ndarray:
     """Softmax probabilities (N, K) of a batch of normalized images."""
     name = session.get_inputs()[0].name
-    logits = session.run(None, {name: images})[0].astype(np.float64)
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    first = session.run(None, {name: images})[0].astype(np.float64)
+    if session.get_outputs()[0].name == "probs":  # an MC dropout model (variant mc) averages probabilities itself
+        return first
+    e = np.exp(first - first.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
