@@ -377,7 +377,7 @@ def _plot_curves(report: dict, path: Path) -> None:
 
     plt = _pyplot()
     curves = report["curves"]
-    fig, axes = plt.subplots(len(curves), 3, figsize=(15, 3.6 * len(curves)), squeeze=False)
+    fig, axes = plt.subplots(len(curves), 3, figsize=(15, 4.2 * len(curves)), squeeze=False)
     panels = (("train_loss", "train loss (regularizer active)", 1.0), ("val_loss", "validation loss", 1.0),
               ("val_accuracy", "validation accuracy (%)", 100.0))
     for row, block in zip(axes, curves, strict=True):
@@ -385,11 +385,13 @@ def _plot_curves(report: dict, path: Path) -> None:
             for name, values in block["variants"].items():
                 series = [scale * v for v in values[key]]
                 ax.plot(range(1, len(series) + 1), series, label=report["variants"][name]["label"])
-            ax.set(xlabel="epoch", title=f"{title}, {block['train_size']} training images")
+            ax.set(xlabel="epoch", title=title)
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize="small")
+        row[0].set_ylabel(f"{block['train_size']} training images", fontweight="bold")
+    axes[0][0].legend(fontsize="small")
     seeds = len(report["config"]["seeds"])
     fig.suptitle(f"{report['dataset']['source']}: mean over {seeds} seed{'s' if seeds > 1 else ''}")
+    fig.tight_layout()
     save_figure(fig, path)
 
 
