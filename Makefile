@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/pipeline run
+	$(BIN)/pipeline run --force  # re-runnable: replaces models/digits and models/digits-dropout0
 
 test: install
 	$(BIN)/python -m pytest -q
