@@ -7,7 +7,7 @@ in `DistributedDataParallel`. Without those variables everything here is a no-op
 process trains exactly as it always did.
 
 The contract between the ranks:
-- every rank loads the same data and draws the same per-epoch permutation from the shared
+- every rank loads the same data (`check_same_data` compares fingerprints) and draws the same per-epoch permutation from the shared
   shuffle generator; `shard` gives each rank its strided share of it, exactly as
   `DistributedSampler` (pad to a multiple of the world size, then take every N-th index), so
   together the ranks see every image once per epoch, reshuffled every epoch;
@@ -238,13 +238,22 @@ def parameter_digest(model: nn.Module) -> str:
 
 def check_replicas(model: nn.Module, world: World) -> tuple[str, ...]:
     """Every rank's `parameter_digest`; `DistributedError` when the replicas have diverged."""
-    mine = parameter_digest(model)
+    return _agree(parameter_digest(model), "model replicas diverged", "weights", world)
+
+
+def check_same_data(fingerprint: str, world: World) -> None:
+    """`DistributedError` unless every rank loaded the same data (each machine reads its own copy)."""
+    _agree(fingerprint, "the ranks loaded different data", "a data fingerprint", world)
+
+
+def _agree(mine: str, problem: str, what: str, world: World) -> tuple[str, ...]:
+    """Every rank's value of `mine`, raising on every rank when any differs from rank 0's."""
     if not world.distributed:
         return (mine,)
-    digests: list = [None] * world.world_size
-    dist.all_gather_object(digests, mine)
-    differing = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    values: list = [None] * world.world_size
+    dist.all_gather_object(values, mine)
+    differing = [rank for rank, value in enumerate(values) if value != values[0]]
     if differing:
-        raise DistributedError(f"model replicas diverged: ranks {differing} hold weights other than rank 0's "
-                               f"(sha256 {digests[0][:12]} vs {', '.join(digests[r][:12] for r in differing)})")
-    return tuple(digests)
+        raise DistributedError(f"{problem}: ranks {differing} hold {what} other than rank 0's "
+                               f"({values[0][:12]} vs {', '.join(values[r][:12] for r in differing)})")
+    return tuple(values)

@@ -154,6 +154,7 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
     across ranks, and only rank 0 writes files and calls `on_epoch`.
     """
     world = distributed.current()
+    distributed.check_same_data(splits.fingerprint, world)
     device = distributed.local_device(resolve_device(config.device), world)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
