@@ -14,7 +14,9 @@ from pipeline import artifacts
 from pipeline.cli import app
 from pipeline.commands.run import audit_verdict, summarize
 
-TINY = ["--conv-channels", "8,16", "--fc-units", "32", "--epochs", "4", "--patience", "0",
+# 6 epochs, not 4: at 4 the tiny model is at 62% and two flipped test images (0.56 points) fail the int8 gate
+# under the default recipe (first Conv fp32, U8S8): noise, not a broken quantization.
+TINY = ["--conv-channels", "8,16", "--fc-units", "32", "--epochs", "6", "--patience", "0",
         "--batch-sizes", "1,8", "--bench-seconds", "0.05"]
 
 

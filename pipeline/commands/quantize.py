@@ -33,7 +33,8 @@ MaxExcluded = Annotated[int, typer.Option("--max-excluded-nodes",
                                           help="When the gate fails, keep up to this many of the most sensitive nodes in fp32.")]
 ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node",
                                                             help="Keep this node in fp32 (repeatable).")]
-KeepFirstConv = Annotated[bool, typer.Option("--keep-first-conv-fp32", help="Keep the first Conv in fp32.")]
+KeepFirstConv = Annotated[bool, typer.Option("--keep-first-conv-fp32/--quantize-first-conv",
+                                             help="Keep the first Conv in fp32 (default: faster on x86) or quantize it too.")]
 DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
     "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
 SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
@@ -43,9 +44,9 @@ Fp16 = Annotated[bool, typer.Option("--fp16",
 
 
 def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", per_channel: bool = False,
-            activation_type: str = "int8", weight_type: str = "int8", calibration_samples: int = 256,
+            activation_type: str = "uint8", weight_type: str = "int8", calibration_samples: int = 256,
             calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
-            exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool = False,
+            exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool = True,
             disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
             fp16: bool = False):
     """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
@@ -118,14 +119,14 @@ def quantize(
     method: Method = "minmax",
     format: Format = "qdq",
     per_channel: PerChannel = False,
-    activation_type: ActivationType = "int8",
+    activation_type: ActivationType = "uint8",
     weight_type: WeightType = "int8",
     calibration_samples: CalibrationSamples = 256,
     calibration_seed: CalibrationSeed = 0,
     max_accuracy_drop: MaxAccuracyDrop = 0.5,
     max_excluded_nodes: MaxExcluded = 1,
     exclude_nodes: ExcludeNodes = None,
-    keep_first_conv_fp32: KeepFirstConv = False,
+    keep_first_conv_fp32: KeepFirstConv = True,
     disable_optimizers: DisableOptimizers = None,
     speed_check: SpeedCheck = True,
     speed_batch: SpeedBatch = 256,
