@@ -193,41 +193,6 @@ class MCConfig:
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    """How `predict` opens a model and reports its answers."""
-
-    variant: str | None = None
-    """Artifact to run (fp32, int8, ...); None takes the manifest's `recommended`, else fp32."""
-    top_k: int = 3
-    """How many labels to report per input, most probable first."""
-    threads: int | None = None
-    """ONNX Runtime intra-op threads; None keeps the artifact's runtime setting (or ORT's default)."""
-    invert: bool = False
-    """Invert 8-bit inputs (dark ink on light paper -> the light-on-dark the model was trained on)."""
-    assume: bool = False
-    """For a bare .onnx without manifest or metadata: assume pixels / 255, mean 0, std 1, labels 0..K-1."""
-
-    def __post_init__(self) -> None:
-        _require(self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}")
-        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        _require(self.variant is None or bool(self.variant.strip()), "variant must not be empty")
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """What `pack` puts into a device bundle."""
-
-    out: Path
-    """The .tar.gz to write (atomically)."""
-    variants: tuple[str, ...] = ()
-    """Artifacts to ship; empty ships the manifest's `recommended` (else fp32)."""
-
-    def __post_init__(self) -> None:
-        _require(str(self.out).endswith((".tar.gz", ".tgz")), f"bundle name must end in .tar.gz or .tgz, got {self.out}")
-        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
-
-
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -284,6 +249,41 @@ class BenchConfig:
         _require(self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}")
 
 
+@dataclass(frozen=True)
+class PredictConfig:
+    """How `predict` opens a model and reports its answers."""
+
+    variant: str | None = None
+    """Artifact to run (fp32, int8, ...); None takes the manifest's `recommended`, else fp32."""
+    top_k: int = 3
+    """How many labels to report per input, most probable first."""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads; None keeps the artifact's runtime setting (or ORT's default)."""
+    invert: bool = False
+    """Invert 8-bit inputs (dark ink on light paper -> the light-on-dark the model was trained on)."""
+    assume: bool = False
+    """For a bare .onnx without manifest or metadata: assume pixels / 255, mean 0, std 1, labels 0..K-1."""
+
+    def __post_init__(self) -> None:
+        _require(self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.variant is None or bool(self.variant.strip()), "variant must not be empty")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """What `pack` puts into a device bundle."""
+
+    out: Path
+    """The .tar.gz to write (atomically)."""
+    variants: tuple[str, ...] = ()
+    """Artifacts to ship; empty ships the manifest's `recommended` (else fp32)."""
+
+    def __post_init__(self) -> None:
+        _require(str(self.out).endswith((".tar.gz", ".tgz")), f"bundle name must end in .tar.gz or .tgz, got {self.out}")
+        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
+
+
 OPSET_RANGE = (17, 23)
 
 
@@ -316,6 +316,84 @@ class ExportConfig:
         _require(self.determinism_repeats >= 2, f"determinism repeats must be >= 2, got {self.determinism_repeats}")
         _require(self.reference_images >= 1, f"reference images must be >= 1, got {self.reference_images}")
         _require(self.simplify_checks >= 1, f"simplify checks must be >= 1 (onnxsim checks nothing with 0), got {self.simplify_checks}")
+
+
+STUDY_VARIANTS = ("none", "dropout_low", "dropout_high", "spatial_dropout", "l2", "l1", "dropout_l2")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The regularizer study: which variants, seeds, sizes and epochs; the rates each variant uses."""
+
+    variants: tuple[str, ...] = STUDY_VARIANTS
+    """Variants to train: `none`, `dropout_low`, `dropout_high`, `spatial_dropout`, `l2`, `l1`, `dropout_l2`."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds (initialisation, shuffling, dropout masks); the data splits stay the same for all."""
+    train_sizes: tuple[int, ...] = (200, 1000)
+    """Training-set sizes (stratified subsets, `DataConfig.max_train_samples`); a size above what the data has means all of it."""
+    epochs: int = 30
+    """Fixed epoch budget of every run (no early stop; the checkpoint is still the best-validation-loss epoch)."""
+    batch_size: int = 32
+    """Images per optimizer step (small: a small training set still gets enough steps to overfit)."""
+    lr: float = 2e-3
+    """AdamW learning rate (cosine schedule), the same for every variant."""
+    conv_channels: tuple[int, ...] = (32, 64)
+    """Conv block widths of the one architecture every variant shares."""
+    fc_units: tuple[int, ...] = (128,)
+    """Hidden fully connected units of that architecture."""
+    dropout_low: float = 0.25
+    """Rate of the `dropout_low` variant (nn.Dropout before each fully connected layer)."""
+    dropout_high: float = 0.5
+    """Rate of the `dropout_high` and `dropout_l2` variants."""
+    spatial_dropout: float = 0.2
+    """Rate of nn.Dropout2d after each conv block in the `spatial_dropout` variant."""
+    weight_decay: float = 0.5
+    """L2 coefficient of the `l2` and `dropout_l2` variants (AdamW's decoupled weight decay: each step
+    shrinks weights by lr x this, so it needs a larger value than an L2 term in the loss). One untuned setting."""
+    l1: float = 1e-4
+    """L1 coefficient of the `l1` variant (sum of |weights| added to the loss). One untuned setting."""
+    threads: int | None = 1
+    """torch CPU threads for training. 1 by default: for these small models on a loaded machine, two
+    threads measured 6-25x slower per epoch than one (OpenMP threads waiting on each other); None keeps torch's default."""
+    latency_runs: int = 300
+    """Timed batch-1 ONNX Runtime runs per variant (interleaved across variants)."""
+    latency_warmup: int = 20
+    """Untimed runs per variant before timing."""
+    latency_seconds: float = 20.0
+    """Upper bound on the whole timed latency loop; it stops early once past it."""
+    latency_threads: int = 1
+    """ONNX Runtime intra-op threads for the latency measurement (fixed, so runs compare)."""
+    opset: int = 18
+    """ONNX opset of the exported models that are timed (18: what the dynamo exporter emits natively)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.variants) >= 1, "at least one study variant is required")
+        for name in self.variants:
+            _require(name in STUDY_VARIANTS, f"unknown study variant {name!r}: choose from {', '.join(STUDY_VARIANTS)}")
+        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
+        _require(len(self.seeds) >= 1, "at least one seed is required")
+        _require(len(set(self.seeds)) == len(self.seeds), f"seed listed twice: {list(self.seeds)}")
+        _require(all(s >= 0 for s in self.seeds), f"seeds must be >= 0, got {list(self.seeds)}")
+        _require(len(self.train_sizes) >= 1, "at least one training-set size is required")
+        _require(all(n >= 10 for n in self.train_sizes), f"training-set sizes must be >= 10, got {list(self.train_sizes)}")
+        _require(len(set(self.train_sizes)) == len(self.train_sizes), f"training-set size listed twice: {list(self.train_sizes)}")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
+                 f"conv channels must be one or more positive integers, got {self.conv_channels}")
+        _require(all(u >= 1 for u in self.fc_units), f"fc units must be positive integers, got {self.fc_units}")
+        for name in ("dropout_low", "dropout_high", "spatial_dropout"):
+            rate = getattr(self, name)
+            _require(0.0 < rate < 1.0, f"{name.replace('_', ' ')} must be in (0, 1), got {rate}")
+        _require(self.weight_decay > 0, f"weight decay must be > 0 (the l2 variants need it), got {self.weight_decay}")
+        _require(self.l1 > 0, f"l1 must be > 0 (the l1 variant needs it), got {self.l1}")
+        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.latency_runs >= 1, f"latency runs must be >= 1, got {self.latency_runs}")
+        _require(self.latency_warmup >= 0, f"latency warmup must be >= 0, got {self.latency_warmup}")
+        _require(self.latency_seconds > 0, f"latency seconds must be > 0, got {self.latency_seconds}")
+        _require(self.latency_threads >= 1, f"latency threads must be >= 1, got {self.latency_threads}")
+        _require(self.opset >= 18, f"study opset must be >= 18 (the dynamo exporter's minimum), got {self.opset}")
 
 
 QUANT_MODES = ("static", "dynamic")
@@ -456,81 +534,3 @@ class Fp16Config:
         _require(0 < self.tolerance < 1, f"fp16 tolerance must be in (0, 1), got {self.tolerance}")
         _require(0.0 <= self.max_accuracy_drop <= 100.0, f"max accuracy drop must be in [0, 100] points, got {self.max_accuracy_drop}")
         _require(self.provider in ("cpu", "cuda"), f"fp16 checks run on cpu or cuda, got {self.provider!r}")
-
-
-STUDY_VARIANTS = ("none", "dropout_low", "dropout_high", "spatial_dropout", "l2", "l1", "dropout_l2")
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """The regularizer study: which variants, seeds, sizes and epochs; the rates each variant uses."""
-
-    variants: tuple[str, ...] = STUDY_VARIANTS
-    """Variants to train: `none`, `dropout_low`, `dropout_high`, `spatial_dropout`, `l2`, `l1`, `dropout_l2`."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds (initialisation, shuffling, dropout masks); the data splits stay the same for all."""
-    train_sizes: tuple[int, ...] = (200, 1000)
-    """Training-set sizes (stratified subsets, `DataConfig.max_train_samples`); a size above what the data has means all of it."""
-    epochs: int = 30
-    """Fixed epoch budget of every run (no early stop; the checkpoint is still the best-validation-loss epoch)."""
-    batch_size: int = 32
-    """Images per optimizer step (small: a small training set still gets enough steps to overfit)."""
-    lr: float = 2e-3
-    """AdamW learning rate (cosine schedule), the same for every variant."""
-    conv_channels: tuple[int, ...] = (32, 64)
-    """Conv block widths of the one architecture every variant shares."""
-    fc_units: tuple[int, ...] = (128,)
-    """Hidden fully connected units of that architecture."""
-    dropout_low: float = 0.25
-    """Rate of the `dropout_low` variant (nn.Dropout before each fully connected layer)."""
-    dropout_high: float = 0.5
-    """Rate of the `dropout_high` and `dropout_l2` variants."""
-    spatial_dropout: float = 0.2
-    """Rate of nn.Dropout2d after each conv block in the `spatial_dropout` variant."""
-    weight_decay: float = 0.5
-    """L2 coefficient of the `l2` and `dropout_l2` variants (AdamW's decoupled weight decay: each step
-    shrinks weights by lr x this, so it needs a larger value than an L2 term in the loss). One untuned setting."""
-    l1: float = 1e-4
-    """L1 coefficient of the `l1` variant (sum of |weights| added to the loss). One untuned setting."""
-    threads: int | None = 1
-    """torch CPU threads for training. 1 by default: for these small models on a loaded machine, two
-    threads measured 6-25x slower per epoch than one (OpenMP threads waiting on each other); None keeps torch's default."""
-    latency_runs: int = 300
-    """Timed batch-1 ONNX Runtime runs per variant (interleaved across variants)."""
-    latency_warmup: int = 20
-    """Untimed runs per variant before timing."""
-    latency_seconds: float = 20.0
-    """Upper bound on the whole timed latency loop; it stops early once past it."""
-    latency_threads: int = 1
-    """ONNX Runtime intra-op threads for the latency measurement (fixed, so runs compare)."""
-    opset: int = 18
-    """ONNX opset of the exported models that are timed (18: what the dynamo exporter emits natively)."""
-
-    def __post_init__(self) -> None:
-        _require(len(self.variants) >= 1, "at least one study variant is required")
-        for name in self.variants:
-            _require(name in STUDY_VARIANTS, f"unknown study variant {name!r}: choose from {', '.join(STUDY_VARIANTS)}")
-        _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
-        _require(len(self.seeds) >= 1, "at least one seed is required")
-        _require(len(set(self.seeds)) == len(self.seeds), f"seed listed twice: {list(self.seeds)}")
-        _require(all(s >= 0 for s in self.seeds), f"seeds must be >= 0, got {list(self.seeds)}")
-        _require(len(self.train_sizes) >= 1, "at least one training-set size is required")
-        _require(all(n >= 10 for n in self.train_sizes), f"training-set sizes must be >= 10, got {list(self.train_sizes)}")
-        _require(len(set(self.train_sizes)) == len(self.train_sizes), f"training-set size listed twice: {list(self.train_sizes)}")
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
-        _require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
-                 f"conv channels must be one or more positive integers, got {self.conv_channels}")
-        _require(all(u >= 1 for u in self.fc_units), f"fc units must be positive integers, got {self.fc_units}")
-        for name in ("dropout_low", "dropout_high", "spatial_dropout"):
-            rate = getattr(self, name)
-            _require(0.0 < rate < 1.0, f"{name.replace('_', ' ')} must be in (0, 1), got {rate}")
-        _require(self.weight_decay > 0, f"weight decay must be > 0 (the l2 variants need it), got {self.weight_decay}")
-        _require(self.l1 > 0, f"l1 must be > 0 (the l1 variant needs it), got {self.l1}")
-        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        _require(self.latency_runs >= 1, f"latency runs must be >= 1, got {self.latency_runs}")
-        _require(self.latency_warmup >= 0, f"latency warmup must be >= 0, got {self.latency_warmup}")
-        _require(self.latency_seconds > 0, f"latency seconds must be > 0, got {self.latency_seconds}")
-        _require(self.latency_threads >= 1, f"latency threads must be >= 1, got {self.latency_threads}")
-        _require(self.opset >= 18, f"study opset must be >= 18 (the dynamo exporter's minimum), got {self.opset}")
