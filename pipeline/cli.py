@@ -27,7 +27,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")}
+def _debug_from_env() -> bool:
+    return os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
+
+
+_state = {"debug": _debug_from_env()}
 F = TypeVar("F", bound=Callable)
 
 
@@ -43,8 +47,8 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    if debug:
-        _state["debug"] = True
+    # Set on every invocation, so one `--debug` call never leaks into the next in the same process.
+    _state["debug"] = debug or _debug_from_env()
 
 
 def fail(message: str, code: int) -> None:

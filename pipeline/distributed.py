@@ -120,6 +120,9 @@ def session() -> Iterator[World]:
     log.info("rank %d of %d joined the process group (%s)", world.rank, world.world_size, dist.get_backend())
     try:
         yield world
+        # Leave together: seen once under heavy load, rank 1 aborted ("terminate called without an
+        # active exception") while tearing down as rank 0 was still busy writing the run folder.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
