@@ -238,7 +238,7 @@ def _read_npz(config: DataConfig) -> _Raw:
         raise DataError(f"{path}: missing arrays {sorted(missing)} (expected x_train, y_train, x_test, y_test)")
     xs = [_npz_images(arrays[k], path, k) for k in ("x_train", "x_test")]
     ys = [_npz_labels(arrays[k], path, k) for k in ("y_train", "y_test")]
-    for x, y, name in zip(xs, ys, ("train", "test")):
+    for x, y, name in zip(xs, ys, ("train", "test"), strict=True):
         if len(x) != len(y):
             raise DataError(f"{path}: x_{name} holds {len(x)} images but y_{name} holds {len(y)} labels")
     if xs[0].shape[1:] != xs[1].shape[1:]:

@@ -43,7 +43,7 @@ def write_image_folder(folder: Path, mode: str = "L", size: int = 12, n_per_clas
     from PIL import Image
 
     x, y = synthetic_digits(n_per_class=n_per_class, size=size)
-    for i, (pixels, label) in enumerate(zip(x, y)):
+    for i, (pixels, label) in enumerate(zip(x, y, strict=True)):
         target = folder / f"class_{label}"
         target.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(pixels, mode="L").convert(mode)

@@ -109,8 +109,11 @@ def test_fuzzed_manifests_give_a_typed_error_or_a_dict(tmp_path, content):
 
 
 def _append_records(run_dir: str, worker: int, count: int) -> None:
+    def add(key: str, value: int):
+        return lambda manifest: manifest["artifacts"].__setitem__(key, {"n": value})
+
     for i in range(count):
-        artifacts.update_manifest(run_dir, lambda m: m["artifacts"].__setitem__(f"w{worker}-{i}", {"n": i}))
+        artifacts.update_manifest(run_dir, add(f"w{worker}-{i}", i))
 
 
 def test_concurrent_manifest_updates_lose_nothing(tmp_path):

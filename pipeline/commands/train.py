@@ -19,7 +19,8 @@ def train(
     channels: Annotated[Optional[int], typer.Option(help="1 or 3 channels for folder images; default: 1 if all are grayscale.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to write. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder (the old one stays until the new run completes).")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run at this path from its last completed epoch, with its saved settings.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the interrupted run at this path from its last completed epoch, with its saved settings.")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
