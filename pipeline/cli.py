@@ -80,7 +80,7 @@ def guarded(command: F) -> F:
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            fail("interrupted; nothing half-written was kept", 130)
+            fail("interrupted: no half-written artifact was kept (`pipeline train --resume RUN` continues an interrupted training run)", 130)
 
     return wrapper  # type: ignore[return-value]
 
