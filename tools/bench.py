@@ -171,7 +171,8 @@ def torch_runner(model, x: np.ndarray, threads: int) -> Callable[[], object]:
     t = torch.from_numpy(x)
 
     def run():
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:  # a switch rebuilds torch's pool: only between groups, never per call
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             return model(t)
 
@@ -251,8 +252,18 @@ def accuracy(session, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
+PEAK_SHAPE = (1024, 512, 512)
+PEAK = "peak: "
+
+
+def peak_cases(threads: int) -> dict[str, Callable[[], object]]:
+    """The GEMM peak graphs as timed cases; they join each CNN group so the CNN and the peaks share its load."""
+    return {PEAK + name: ort_runner(runtime.create_session(g, {}, threads=threads), x)
+            for name, (g, x) in gemm_graphs(*PEAK_SHAPE).items()}
+
+
 def measure_run(label: str, run: RunModels, seconds: float, rounds: int, with_torch: bool) -> dict:
-    """fp32 vs int8 (and torch eager, and the floor) at batch 1 (1 thread) and 256 (2 threads)."""
+    """fp32 vs int8 (and torch eager, the floor, the GEMM peaks) at batch 1 (1 thread) and 256 (2 threads)."""
     x_test, y_test = run.test_data()
     shape = run.sample_shape()
     x1, xb = x_test[:1], x_test[:BIG_BATCH]
@@ -273,13 +284,16 @@ def measure_run(label: str, run: RunModels, seconds: float, rounds: int, with_to
         cases1["fp32 2 threads"] = ort_runner(run.session("fp32", 2), x1)
         cases1["empty run (floor)"] = ort_runner(floor, x1)
         cases1["torch eager"] = torch_runner(model, x1, 1)
-    t1 = interleaved(cases1, seconds, rounds)
+    t1 = interleaved({**cases1, **peak_cases(1)}, seconds, rounds)
     casesb = {"fp32": ort_runner(run.session("fp32", 2), xb), "int8": ort_runner(run.session("int8", 2), xb)}
     if with_torch:
         casesb["torch eager"] = torch_runner(model, xb, 2)
-    tb = interleaved(casesb, seconds, rounds)
-    out["batch1_1thread"] = {k: summary(v, 1) for k, v in t1.items()}
-    out[f"batch{BIG_BATCH}_2threads"] = {k: summary(v, BIG_BATCH) for k, v in tb.items()}
+    tb = interleaved({**casesb, **peak_cases(2)}, seconds, rounds)
+    ops = 2.0 * PEAK_SHAPE[0] * PEAK_SHAPE[1] * PEAK_SHAPE[2]
+    out["peaks G(FL)OP/s"] = {"1 thread": {k[len(PEAK):]: ops / p50(v) / 1e9 for k, v in t1.items() if k.startswith(PEAK)},
+                              "2 threads": {k[len(PEAK):]: ops / p50(v) / 1e9 for k, v in tb.items() if k.startswith(PEAK)}}
+    out["batch1_1thread"] = {k: summary(v, 1) for k, v in t1.items() if not k.startswith(PEAK)}
+    out[f"batch{BIG_BATCH}_2threads"] = {k: summary(v, BIG_BATCH) for k, v in tb.items() if not k.startswith(PEAK)}
     b1, bb = out["batch1_1thread"], out[f"batch{BIG_BATCH}_2threads"]
     ratios = {"int8/fp32 throughput, batch 256": bb["int8"]["images_per_s"] / bb["fp32"]["images_per_s"],
               "int8 p50 / fp32 p50, batch 1": b1["int8"]["p50_ms"] / b1["fp32"]["p50_ms"]}
@@ -287,39 +301,37 @@ def measure_run(label: str, run: RunModels, seconds: float, rounds: int, with_to
         ratios.update({
             "ORT fp32 / torch eager speed, batch 1": b1["torch eager"]["p50_ms"] / b1["fp32"]["p50_ms"],
             "ORT fp32 / torch eager speed, batch 256": bb["torch eager"]["p50_ms"] / bb["fp32"]["p50_ms"],
+            "ORT int8 / torch eager speed, batch 1": b1["torch eager"]["p50_ms"] / b1["int8"]["p50_ms"],
             "fp32 batch-1 p50 / empty-run floor": b1["fp32"]["p50_ms"] / b1["empty run (floor)"]["p50_ms"],
+            "int8 batch-1 p50 / empty-run floor": b1["int8"]["p50_ms"] / b1["empty run (floor)"]["p50_ms"],
             "fp32 batch 1: 2 threads p50 / 1 thread p50": b1["fp32 2 threads"]["p50_ms"] / b1["fp32"]["p50_ms"],
         })
     out["ratios"] = ratios
-    flops = out["flops_per_image"]
-    out["compute"] = {"fp32 GFLOP/s, batch 256": flops * bb["fp32"]["images_per_s"] / 1e9,
-                      "int8 GOP/s, batch 256": flops * bb["int8"]["images_per_s"] / 1e9,
-                      "fp32 GFLOP/s, batch 1": flops * b1["fp32"]["images_per_s"] / 1e9,
-                      "int8 GOP/s, batch 1": flops * b1["int8"]["images_per_s"] / 1e9}
+    flops, peaks = out["flops_per_image"], out["peaks G(FL)OP/s"]
+    c = out["compute"] = {}
+    for batch, group, threads in (("256", bb, "2 threads"), ("1", b1, "1 thread")):
+        fp32_peak = peaks[threads]["fp32 MatMul"]
+        int8_peak = max(v for k, v in peaks[threads].items() if k.startswith("int8"))
+        c[f"fp32 GFLOP/s, batch {batch}"] = flops * group["fp32"]["images_per_s"] / 1e9
+        c[f"int8 GOP/s, batch {batch}"] = flops * group["int8"]["images_per_s"] / 1e9
+        c[f"fp32 share of peak, batch {batch}"] = c[f"fp32 GFLOP/s, batch {batch}"] / fp32_peak
+        c[f"int8 share of peak, batch {batch}"] = c[f"int8 GOP/s, batch {batch}"] / int8_peak
+        c[f"int8/fp32 peak ratio, {threads}"] = int8_peak / fp32_peak
+    # Even at the 1-thread fp32 GEMM peak the model's multiply-adds take flops/peak: a lower limit of batch-1 latency.
+    limit = 1e3 * flops / (peaks["1 thread"]["fp32 MatMul"] * 1e9)
+    c["fp32 batch-1 compute limit ms (flops / 1-thread peak)"] = limit
+    if with_torch:
+        ratios["fp32 batch-1 compute limit / empty-run floor"] = limit / b1["empty run (floor)"]["p50_ms"]
     print(f"[{label}] " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), file=sys.stderr, flush=True)
     return out
 
 
-def measure_peaks(seconds: float, rounds: int, m: int = 1024, k: int = 512, n: int = 512) -> dict:
-    """G(FL)OP/s of large fp32 and int8 matrix products in ONNX Runtime, at 1 and 2 threads, interleaved."""
-    graphs = gemm_graphs(m, k, n)
-    cases = {f"{name}, {threads} thread{'s' if threads > 1 else ''}":
-             ort_runner(runtime.create_session(g, {}, threads=threads), x)
-             for threads in (1, 2) for name, (g, x) in graphs.items()}
-    t = interleaved(cases, seconds, rounds)
-    ops = 2.0 * m * k * n
-    rates = {name: ops / p50(ts) / 1e9 for name, ts in t.items()}
-    res: dict = {"shape": [m, k, n], "G(FL)OP/s": rates}
-    for threads in (1, 2):
-        suffix = f", {threads} thread{'s' if threads > 1 else ''}"
-        res[f"fp32 peak GFLOP/s{suffix}"] = rates["fp32 MatMul" + suffix]
-        res[f"int8 peak GOP/s{suffix}"] = max(v for name, v in rates.items() if name.startswith("int8") and name.endswith(suffix))
-    print("[peaks] " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), file=sys.stderr, flush=True)
-    return res
-
-
 def measure_training(run: RunModels, seconds: float, rounds: int, batch: int = 64) -> dict:
-    """Images/s of the training step (forward, backward, AdamW) on in-memory tensors, 1 vs 2 torch threads."""
+    """Images/s of the training step (forward, backward, AdamW) on in-memory tensors, 1 vs 2 torch threads.
+
+    Blocks of steps alternate between the thread counts, round by round; the first step after each
+    switch is not timed (torch rebuilds its thread pool on `set_num_threads`).
+    """
     import torch
 
     from pipeline.model import DropoutCNN
@@ -329,21 +341,34 @@ def measure_training(run: RunModels, seconds: float, rounds: int, batch: int = 6
     x_test, y_test = run.test_data()
     x, y = torch.from_numpy(x_test[:batch].copy()), torch.from_numpy(y_test[:batch].astype(np.int64))
 
-    def step(threads):
-        def run_step():
-            torch.set_num_threads(threads)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run_step
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-    t = interleaved({"1 thread": step(1), "2 threads": step(2)}, seconds, rounds)
+    before = torch.get_num_threads()
+    times: dict[str, list[float]] = {"1 thread": [], "2 threads": []}
+    deadline = time.perf_counter() + seconds
+    for _ in range(rounds):
+        for name, threads in (("1 thread", 1), ("2 threads", 2)):
+            torch.set_num_threads(threads)
+            step()
+            block_end = time.perf_counter() + seconds / rounds / 2
+            while True:
+                started = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - started)
+                if time.perf_counter() > block_end:
+                    break
+        if time.perf_counter() > deadline:
+            break
+    torch.set_num_threads(before)
     train_images = run.manifest["dataset"]["sizes"]["train"]
-    res = {"batch": batch, "train_images": train_images}
-    for name, ts in t.items():
+    res: dict = {"batch": batch, "train_images": train_images}
+    for name, ts in times.items():
         ips = batch / p50(ts)
-        res[name] = {"images_per_s": ips, "seconds_per_epoch": train_images / ips}
+        res[name] = {"images_per_s": ips, "seconds_per_epoch": train_images / ips, "steps": len(ts)}
     tr = run.manifest["training"]
     res["recorded by train"] = {"seconds_per_epoch": tr.get("seconds_per_epoch"), "train_seconds": tr.get("train_seconds"),
                                 "epochs_run": tr.get("epochs_run"),
@@ -371,20 +396,6 @@ def environment() -> dict:
             "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags],
             "onnxruntime": ort.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "python": platform.python_version()}
-
-
-def add_peak_shares(r: dict, peaks: dict) -> None:
-    """The CNN's rate as a share of the matching peak; and the compute-bound batch-1 limit vs the floor."""
-    c = r["compute"]
-    for kind, unit in (("fp32", "GFLOP/s"), ("int8", "GOP/s")):
-        c[f"{kind} share of peak, batch 256"] = c[f"{kind} {unit}, batch 256"] / peaks[f"{kind} peak {unit}, 2 threads"]
-        c[f"{kind} share of peak, batch 1"] = c[f"{kind} {unit}, batch 1"] / peaks[f"{kind} peak {unit}, 1 thread"]
-    # Even at the 1-thread fp32 peak the convolutions alone take flops/peak: a lower limit of batch-1 latency.
-    limit = 1e3 * r["flops_per_image"] / (peaks["fp32 peak GFLOP/s, 1 thread"] * 1e9)
-    c["fp32 batch-1 compute limit ms (flops / 1-thread peak)"] = limit
-    floor = r["batch1_1thread"].get("empty run (floor)")
-    if floor:
-        r["ratios"]["fp32 batch-1 compute limit / empty-run floor"] = limit / floor["p50_ms"]
 
 
 def acceptance(result: dict) -> list[dict]:
@@ -432,16 +443,16 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {s['batch']} | {t} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['images_per_s']:.0f} |")
         lines += [""] + [f"- {k}: **{v:.2f}**" for k, v in r["ratios"].items()]
         lines += [f"- {k}: {v:.3f}" if "limit" in k else f"- {k}: {v:.1f}" for k, v in r["compute"].items() if "share" not in k]
-    p = result["peaks"]
-    lines += ["", f"## Peaks: ({p['shape'][0]} x {p['shape'][1]}) @ ({p['shape'][1]} x {p['shape'][2]}) in ONNX Runtime", ""]
-    lines += [f"- {k}: {v:.0f} G(FL)OP/s" for k, v in p["G(FL)OP/s"].items()]
+    lines += ["", f"## Against the GEMM peaks: ({PEAK_SHAPE[0]} x {PEAK_SHAPE[1]}) @ ({PEAK_SHAPE[1]} x {PEAK_SHAPE[2]}) "
+              "in ONNX Runtime, timed inside each CNN group", ""]
     for label, r in result["runs"].items():
         c = r["compute"]
         for batch, threads in (("256", "2 threads"), ("1", "1 thread")):
-            lines.append(f"- {label} CNN, batch {batch} ({threads}): fp32 {c[f'fp32 GFLOP/s, batch {batch}']:.0f} GFLOP/s = "
+            peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peaks G(FL)OP/s"][threads].items())
+            lines.append(f"- {label}, batch {batch} ({threads}): fp32 {c[f'fp32 GFLOP/s, batch {batch}']:.0f} GFLOP/s = "
                          f"{100 * c[f'fp32 share of peak, batch {batch}']:.0f}% of the fp32 peak; int8 "
                          f"{c[f'int8 GOP/s, batch {batch}']:.0f} GOP/s = "
-                         f"{100 * c[f'int8 share of peak, batch {batch}']:.0f}% of the int8 peak")
+                         f"{100 * c[f'int8 share of peak, batch {batch}']:.0f}% of the int8 peak (peaks G(FL)OP/s: {peaks})")
     t = result["training"]
     lines += ["", f"## Training step (batch {t['batch']}, AdamW, in-memory tensors)", ""]
     for name in ("1 thread", "2 threads"):
@@ -477,17 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir, widths in runs.values():
         if not a.no_prepare:
             prepare(Path(run_dir), widths, a.data_dir, a.train_epochs, log)
-    # Budget split in shares: the default run's two groups carry torch and the floor (3 each), the
-    # wide run's two groups 1.5 each, the peaks (6 graphs) 2, the training step 1.
-    share = a.budget / (6 + 3 * (len(runs) - 1) + 2 + 1)
+    # Budget split in shares: the default run's two groups carry torch, the floor and the 3 peak graphs
+    # (4 each), the wide run's two groups 2.5 each, the training step 1.
+    share = a.budget / (8 + 5 * (len(runs) - 1) + 1)
     result: dict = {"schema": 1, "created": artifacts.now_iso(), "environment": environment(), "commands_run": log,
                     "budget_seconds": a.budget, "rounds": a.rounds, "runs": {}}
     for label, (run_dir, _) in runs.items():
-        result["runs"][label] = measure_run(label, RunModels(run_dir), share * (3 if label == "default" else 1.5),
+        result["runs"][label] = measure_run(label, RunModels(run_dir), share * (4 if label == "default" else 2.5),
                                             a.rounds, with_torch=label == "default")
-    result["peaks"] = measure_peaks(2 * share, a.rounds)
-    for r in result["runs"].values():
-        add_peak_shares(r, result["peaks"])
     result["training"] = measure_training(RunModels(a.default_run), share, a.rounds)
     result["acceptance"] = acceptance(result)
     result["seconds"] = time.perf_counter() - started
