@@ -106,7 +106,8 @@ class RunModels:
 # --- preparing the runs with the pipeline's own commands ---------------------------------------
 
 
-def prepare(run_dir: Path, conv_channels: str, data_dir: Path, epochs: int | None, log: list[str]) -> None:
+def prepare(run_dir: Path, conv_channels: str, data_dir: Path, epochs: int | None, threads: int | None,
+            log: list[str]) -> None:
     """Train and export --quantize with the pipeline's CLI when the run folder lacks them."""
     pipeline = [sys.executable, "-m", "pipeline"]
     if not (run_dir / artifacts.MANIFEST).is_file():
@@ -114,6 +115,8 @@ def prepare(run_dir: Path, conv_channels: str, data_dir: Path, epochs: int | Non
                "--conv-channels", conv_channels, "--quiet"]
         if epochs:
             cmd += ["--epochs", str(epochs)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         _call(cmd, log)
     records = RunModels(run_dir).records
     if "fp32" not in records or "int8" not in records:
@@ -471,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-run", type=Path, default=ROOT / RUNS["default"][0])
     p.add_argument("--wide-run", type=Path, default=ROOT / RUNS["wide"][0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="IDX folder used when a run must be trained")
-    p.add_argument("--train-epochs", type=int, default=None, help="epochs when a run must be trained (default: train's)")
+    p.add_argument("--train-epochs", type=int, default=8,
+                   help="epochs when a run must be trained (8 reaches ~98.6%% on the MNIST test split; 0: train's default)")
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads when a run must be trained (1 was 3-7x faster than 2 on this shared 2-core host; 0: torch's)")
     p.add_argument("--no-prepare", action="store_true", help="fail instead of training/exporting missing runs")
     p.add_argument("--no-wide", action="store_true", help="skip the 64/128 run")
     p.add_argument("--budget", type=float, default=300.0, help="seconds of timed measurement in all (bounds the run)")
@@ -487,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         runs["wide"] = (a.wide_run, RUNS["wide"][1])
     for run_dir, widths in runs.values():
         if not a.no_prepare:
-            prepare(Path(run_dir), widths, a.data_dir, a.train_epochs, log)
+            prepare(Path(run_dir), widths, a.data_dir, a.train_epochs, a.train_threads, log)
     # Budget split in shares: the default run's two groups carry torch, the floor and the 3 peak graphs
     # (4 each), the wide run's two groups 2.5 each, the training step 1.
     share = a.budget / (8 + 5 * (len(runs) - 1) + 1)
