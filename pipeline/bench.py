@@ -54,7 +54,7 @@ _ORT_ERRORS = tuple(getattr(_ort_state, name) for name in
 class BenchError(PipelineError):
     """A target that cannot be benchmarked (changed file, missing artifact, bad shape)."""
 
-    exit_code = 8
+    exit_code = 13
 
 
 # --- what is timed -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 class DistributedError(PipelineError):
     """A distributed launch that is misconfigured, or ranks that disagree."""
 
-    exit_code = 8
+    exit_code = 17
 
 
 @dataclass(frozen=True)

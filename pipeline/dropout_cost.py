@@ -34,7 +34,7 @@ INCONCLUSIVE = 0.25
 class ComparisonError(PipelineError):
     """Two runs that cannot answer the question (other architecture, no export, no metrics)."""
 
-    exit_code = 9
+    exit_code = 15
 
 
 def _rates(manifest: dict) -> dict:

@@ -39,7 +39,7 @@ _NODE_METADATA_PREFIXES = ("pkg.torch.onnx.", "namespace")
 class ExportError(PipelineError):
     """torch could not export the model, or wrote something other than what was asked."""
 
-    exit_code = 8
+    exit_code = 14
 
 
 def export_module(model: nn.Module, input_shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:

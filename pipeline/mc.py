@@ -58,7 +58,7 @@ REJECT_FRACTIONS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4
 class MCVerificationError(PipelineError):
     """An MC dropout model whose randomness, accuracy or outputs are not what was promised."""
 
-    exit_code = 10
+    exit_code = 9
 
 
 # --- running the MC model (torch-free) ---------------------------------------------------

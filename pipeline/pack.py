@@ -43,7 +43,7 @@ KEPT_KEYS = ("schema", "pipeline_version", "created", "labels", "preprocess", "m
 class UnsafeArchiveError(PipelineError):
     """An archive member that would land outside the target folder, or is not a plain file or folder."""
 
-    exit_code = 9
+    exit_code = 16
 
 
 @dataclass(frozen=True)
