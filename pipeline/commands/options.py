@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 
-# Progress and tables go to stderr, so stdout stays clean for --json output.
-console = Console(stderr=True)
+# Progress and tables go to stderr, so stdout stays clean for --json output. When stderr is not a
+# terminal (CI logs, `2> file`), rich would assume 80 columns and squash the tables: use 160.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def int_list(text: str, what: str) -> tuple[int, ...]:

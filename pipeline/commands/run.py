@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.commands.options import console, image_size, int_list
+from pipeline.config import TrainConfig
 
 TWIN_SUFFIX = "-dropout0"
 
@@ -31,11 +32,11 @@ def run(
     image_size_text: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to N or HxW (folder).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing run folders (kept until the new training completes).")] = False,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (digits reaches ~98% well within 20).")] = 20,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs; early stopping may end sooner (as `pipeline train`).")] = TrainConfig.epochs,
     dropout: Annotated[float, typer.Option(help="Dropout rate before each fully connected layer.")] = 0.5,
     conv_channels: Annotated[str, typer.Option(help="Conv block widths, comma-separated.")] = "32,64",
     fc_units: Annotated[str, typer.Option(help="Hidden fully connected units, comma-separated.")] = "128",
-    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 disables).")] = 10,
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 disables).")] = TrainConfig.patience,
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation, shuffling and dropout masks.")] = 0,
     dropout_twin: Annotated[bool, typer.Option(help="Also train and export the dropout-0 twin and measure what dropout "
                                                     "costs (inference and training).")] = True,
@@ -48,7 +49,7 @@ def run(
     The summary (fp32 and int8 accuracy, sizes, latencies, the dropout audit verdict, the
     recommended variant) is read back from manifest.json and bench.json.
     """
-    from pipeline.config import BenchConfig, DataConfig, ExportConfig, ModelConfig, QuantizeConfig, TrainConfig
+    from pipeline.config import BenchConfig, DataConfig, ExportConfig, ModelConfig, QuantizeConfig
     from pipeline.workflow import default_run_dir
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
