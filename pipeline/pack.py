@@ -33,7 +33,8 @@ from pipeline.config import PackConfig
 from pipeline.errors import PipelineError, RunFolderError
 from pipeline.predict import choose_variant, read_verified
 
-RUNNER = Path(__file__).resolve().parent.parent / "tools" / "device_runner.py"
+# The runner lives in the package so a wheel install can pack it; tools/device_runner.py links to it.
+RUNNER = Path(__file__).resolve().parent / "device_runner.py"
 RUNNER_NAME = "device_runner.py"
 FIXED_MTIME = 946684800  # 2000-01-01: fixed so that packing twice gives the same bytes
 # Top-level manifest keys a device needs; the rest (checkpoint, training config) stays home.
