@@ -576,7 +576,7 @@ def _recommend(records: dict, tolerance: float) -> tuple[str, str]:
             ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ratios.items()) + ")"
     if not reasons:
         return "fp32", "no int8 artifact"
-    return "fp32", "no int8 variant is as fast as fp32 on this host: " + "; ".join(reasons)
+    return "fp32", "no int8 variant was as fast as fp32 in the export's speed check on this host: " + "; ".join(reasons)
 
 
 def _variants_table(records: dict) -> list[dict]:
