@@ -44,30 +44,45 @@ def plot_learning_curves(history: list[dict], path: Path, title: str) -> None:
 
 
 def plot_latency(records: list[dict], path: Path, title: str) -> None:
-    """p50 latency (with p90 as a band) and throughput against batch size, one line per artifact x provider x threads.
+    """p50 latency (with p90 as a band) and throughput against batch size, one line per artifact x provider.
 
-    Only records with status "ok" are drawn (an unavailable provider has no line, by design).
+    Threads are chosen per batch size, so a line joins the chosen setting at each batch and every
+    point is labelled with its thread count; only when several thread counts were timed at one
+    batch does each thread count get its own line. Only records with status "ok" are drawn (an
+    unavailable provider has no line, by design).
     """
     plt = _pyplot()
+    ok = [r for r in records if r.get("status") == "ok"]
+    per_point: dict[tuple, int] = {}
+    for r in ok:
+        key = (r["artifact"], r["provider"], r["batch"])
+        per_point[key] = per_point.get(key, 0) + 1
+    split_by_threads = any(count > 1 for count in per_point.values())
     lines: dict[str, list[dict]] = {}
-    for r in records:
-        if r.get("status") == "ok":
-            lines.setdefault(f"{r['artifact']} / {r['provider']} / {r['threads']}t", []).append(r)
-    fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    fig.subplots_adjust(wspace=0.3)
+    for r in ok:
+        label = f"{r['artifact']} / {r['provider']}" + (f" / {r['threads']}t" if split_by_threads else "")
+        lines.setdefault(label, []).append(r)
+    fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig.subplots_adjust(wspace=0.3, right=0.8)
     for label, rows in sorted(lines.items()):
         rows = sorted(rows, key=lambda r: r["batch"])
         batches = [r["batch"] for r in rows]
         p50 = [r["latency_ms"]["p50"] for r in rows]
         (line,) = lat_ax.plot(batches, p50, marker="o", label=label)
         lat_ax.fill_between(batches, p50, [r["latency_ms"]["p90"] for r in rows], color=line.get_color(), alpha=0.15)
-        tput_ax.plot(batches, [r["throughput_ips"] for r in rows], marker="o", color=line.get_color(), label=label)
+        throughput = [r["throughput_ips"] for r in rows]
+        tput_ax.plot(batches, throughput, marker="o", color=line.get_color(), label=label)
+        if not split_by_threads:
+            for r, y in zip(rows, throughput, strict=True):
+                tput_ax.annotate(f"{r['threads']}t", (r["batch"], y), textcoords="offset points", xytext=(4, 3),
+                                 fontsize=6, color=line.get_color())
     lat_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency per batch (ms): p50, band to p90",
                title="latency")
-    tput_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="throughput")
+    tput_ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s (labels: intra-op threads)",
+                title="throughput")
     for ax in (lat_ax, tput_ax):
         ax.grid(alpha=0.3, which="both")
     if lines:
-        tput_ax.legend(fontsize=7, loc="best")
+        tput_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title)
     save_figure(fig, path)
