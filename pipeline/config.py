@@ -74,6 +74,16 @@ class DataConfig:
         _require(self.max_train_samples is None or self.max_train_samples >= 10,
                  f"max train samples must be at least 10, got {self.max_train_samples}")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> DataConfig:
+        """Rebuild from a checkpoint's or manifest's plain dict (strings back to paths, lists to tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown data config fields: {sorted(unknown)}")
+        return cls(**{**data, "data_dir": Path(data["data_dir"]) if data.get("data_dir") else None,
+                      "image_size": tuple(data["image_size"]) if data.get("image_size") else None})
+
 
 @dataclass(frozen=True)
 class ModelConfig:

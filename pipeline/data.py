@@ -99,6 +99,18 @@ def load(config: DataConfig) -> Splits:
     return _split(raw, config)
 
 
+def load_trained_on(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
+    """`load`, refusing data that is not what `what` (a run or checkpoint) was trained on.
+
+    Test accuracy, calibration and parity are only comparable on the same splits.
+    """
+    splits = load(config)
+    if splits.fingerprint != fingerprint:
+        raise DataError(f"{what}: the data at {config.data_dir or splits.source} is not the data it was trained on "
+                        "(fingerprint mismatch): test accuracy and calibration would not be comparable")
+    return splits
+
+
 # --- sources ---------------------------------------------------------------------------
 
 

@@ -159,13 +159,8 @@ def load_reference(run_dir: Path, manifest: dict) -> Reference:
     from pipeline import data, train
     from pipeline.mc_model import dropout_layers
 
-    record = dict(manifest["dataset"]["config"])
-    record["data_dir"] = Path(record["data_dir"]) if record.get("data_dir") else None
-    record["image_size"] = tuple(record["image_size"]) if record.get("image_size") else None
-    splits = data.load(DataConfig(**record))
-    if splits.fingerprint != manifest["dataset"]["fingerprint"]:
-        raise DataError(f"{run_dir}: the data at {record.get('data_dir') or record['dataset']} is not the data "
-                        "this run was trained on (fingerprint mismatch): cannot measure test accuracy")
+    splits = data.load_trained_on(DataConfig.from_dict(manifest["dataset"]["config"]),
+                                  manifest["dataset"]["fingerprint"], str(run_dir))
     model, _ = train.load_checkpoint(Path(run_dir) / manifest["training"]["checkpoint"])
 
     def deterministic(x: np.ndarray) -> np.ndarray:

@@ -61,8 +61,7 @@ def train_run(data_config: DataConfig, model_config: ModelConfig, train_config: 
     if resume:
         staging = distributed.on_main(artifacts.resume_run, out)
         saved_data, saved_model, saved_train = distributed.on_main(train.read_train_state_configs, staging)
-        data_config = DataConfig(**{**saved_data, "data_dir": saved_data["data_dir"],
-                                    "image_size": tuple(saved_data["image_size"]) if saved_data["image_size"] else None})
+        data_config = DataConfig.from_dict(saved_data)
         model_config = ModelConfig.from_dict(saved_model)
         train_config = TrainConfig(**saved_train)
         splits = data.load(data_config)
@@ -274,20 +273,12 @@ def _check_checkpoint_matches_run(manifest: dict, payload: dict, checkpoint: Pat
         raise CheckpointError(f"{checkpoint}: does not belong to this run: its {', '.join(mismatched)} differ from the manifest's")
 
 
-def _data_config_from(saved: dict) -> DataConfig:
-    return DataConfig(**{**saved, "data_dir": Path(saved["data_dir"]) if saved.get("data_dir") else None,
-                         "image_size": tuple(saved["image_size"]) if saved.get("image_size") else None})
-
-
 def _preprocessed_splits(manifest: dict, payload: dict):
     """(validation inputs, test inputs, test labels), preprocessed as the manifest says; the data must be what the model saw."""
     from pipeline import data
-    from pipeline.errors import DataError
 
-    splits = data.load(_data_config_from(payload["data_config"]))
-    if splits.fingerprint != payload.get("data_fingerprint"):
-        raise DataError(f"the data at {payload['data_config'].get('data_dir') or splits.source} changed since training "
-                        "(fingerprint mismatch): the test accuracy would not be comparable")
+    splits = data.load_trained_on(DataConfig.from_dict(payload["data_config"]), payload.get("data_fingerprint"),
+                                  "the checkpoint")
     preprocess = data.Preprocess.from_dict(manifest["preprocess"])
     return preprocess.apply(splits.x_val), preprocess.apply(splits.x_test), splits.y_test
 
@@ -357,15 +348,12 @@ def adopt_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
     import shutil
 
     from pipeline import data, train
-    from pipeline.errors import DataError
     from pipeline.model import count_parameters
 
     checkpoint = Path(checkpoint)
     model, payload = train.load_checkpoint(checkpoint)
-    data_config = _data_config_from(payload["data_config"])
-    splits = data.load(data_config)
-    if splits.fingerprint != payload.get("data_fingerprint"):
-        raise DataError(f"{checkpoint}: its training data ({splits.source}) changed since training (fingerprint mismatch)")
+    data_config = DataConfig.from_dict(payload["data_config"])
+    splits = data.load_trained_on(data_config, payload.get("data_fingerprint"), str(checkpoint))
     preprocess = data.Preprocess.from_dict(payload["preprocess"])
     test_accuracy = float((train.predictions(model, preprocess.apply(splits.x_test)) == splits.y_test).mean())
     staging = artifacts.start_run(out, force)
@@ -430,7 +418,6 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     import numpy as np
 
     from pipeline import data, quantize
-    from pipeline.errors import DataError
 
     step = on_step or (lambda name: None)
     run_dir = Path(run_dir)
@@ -446,10 +433,8 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     fp32_runtime = fp32.get("runtime") or dict(FP32_RUNTIME)
 
     step("load data")
-    splits = data.load(_data_config_from(manifest["dataset"]["config"]))
-    if splits.fingerprint != manifest["dataset"].get("fingerprint"):
-        raise DataError(f"the data of {run_dir} ({splits.source}) changed since training (fingerprint mismatch): "
-                        "calibration and test accuracy would not be comparable")
+    splits = data.load_trained_on(DataConfig.from_dict(manifest["dataset"]["config"]),
+                                  manifest["dataset"].get("fingerprint"), str(run_dir))
     preprocess = data.Preprocess.from_dict(manifest["preprocess"])
     x_train, x_test = preprocess.apply(splits.x_train), preprocess.apply(splits.x_test)
     if calibration is None:

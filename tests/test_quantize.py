@@ -136,10 +136,10 @@ def test_gate_keeps_the_most_sensitive_node_in_fp32_when_allowed(exported_run_ma
     """The broken calibration with a larger exclusion budget: nodes are excluded worst first, and every
     candidate is recorded; whether it then passes or not, nothing below the gate is written."""
     from pipeline import data, quantize
-    from pipeline.workflow import _data_config_from
+    from pipeline.config import DataConfig
 
     manifest = artifacts.read_manifest(exported_run_master)
-    splits = data.load(_data_config_from(manifest["dataset"]["config"]))
+    splits = data.load(DataConfig.from_dict(manifest["dataset"]["config"]))
     pre = data.Preprocess.from_dict(manifest["preprocess"])
     x_train, x_test = pre.apply(splits.x_train), pre.apply(splits.x_test)
     broken = pre.apply(np.zeros((1, *x_train.shape[1:]), dtype=np.float32))

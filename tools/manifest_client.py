@@ -45,14 +45,18 @@ def classify(run_dir: Path, raw: np.ndarray, variant: str | None = None) -> list
 
 def check_recorded_accuracy(run_dir: Path, variant: str | None = None) -> tuple[float, float]:
     """(client's test accuracy, the manifest's recorded test_accuracy) on the run's test split."""
-    from pipeline.data import load  # the harness only: where the raw test pixels come from
-    from pipeline.workflow import _data_config_from
+    # The harness only: where the raw test pixels come from (the classification itself uses no pipeline code).
+    from pipeline.config import DataConfig
+    from pipeline.data import load_trained_on
+    from pipeline.errors import DataError
 
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     name = variant or manifest.get("recommended", "fp32")
-    splits = load(_data_config_from(manifest["dataset"]["config"]))
-    if splits.fingerprint != manifest["dataset"]["fingerprint"]:
-        raise SystemExit("the run's data changed since training (fingerprint mismatch)")
+    try:
+        splits = load_trained_on(DataConfig.from_dict(manifest["dataset"]["config"]), manifest["dataset"]["fingerprint"],
+                                 str(run_dir))
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
     predicted = classify(run_dir, splits.x_test, name)
     truth = [manifest["labels"][i] for i in splits.y_test]
     accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
