@@ -467,9 +467,12 @@ def _cpu_info() -> tuple[str, list[str]]:
 def environment() -> dict:
     """The machine and software the numbers belong to. Versions are read without importing torch."""
     model, flags = _cpu_info()
+    # The module really running, not pip's record: an onnxruntime-gpu unpacked on PYTHONPATH shadows
+    # an installed onnxruntime whose metadata would otherwise be reported (seen on the GPU machine).
+    versions = {**artifacts.versions(), "onnxruntime": ort.__version__}
     return {"cpu_model": model, "cpu_flags": flags, "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
             "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "versions": artifacts.versions(), "onnxruntime_providers": ort.get_available_providers(),
+            "versions": versions, "onnxruntime_providers": ort.get_available_providers(),
             "onnxruntime_device": ort.get_device(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
