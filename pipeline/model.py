@@ -1,6 +1,7 @@
 """The dropout CNN, and nothing else.
 
-Conv blocks (conv 3x3, optional BatchNorm, ReLU, 2x2 max pool, optional `nn.Dropout2d`), then
+Conv blocks (conv 3x3, optional BatchNorm, ReLU, 2x2 max pool, optional `nn.Dropout2d`; by default the
+first block halves the map with a 5x5 stride-2 conv instead of conv 3x3 + max pool), then
 fully connected layers with `nn.Dropout` before each one: the classic recipe, rate 0.5 by
 default. Both dropout modules honour `eval()`: at inference they are the identity, which the
 export's audit proves on the ONNX graph.
@@ -20,13 +21,21 @@ class DropoutCNN(nn.Module):
         self.config = config
         blocks: list[nn.Module] = []
         channels, height, width = config.in_channels, config.height, config.width
-        for out_channels in config.conv_channels:
-            blocks.append(nn.Conv2d(channels, out_channels, kernel_size=3, padding=1, bias=not config.batch_norm))
+        for index, out_channels in enumerate(config.conv_channels):
+            # Halve the map only while it is at least 2x2, so tiny inputs still get every block.
+            downsample = height >= 2 and width >= 2
+            strided = downsample and index == 0 and config.strided_first_conv
+            if strided:  # 5x5, not 3x3: stride-2 windows then overlap by 3 pixels, not 1 (it kept MNIST accuracy)
+                conv = nn.Conv2d(channels, out_channels, kernel_size=5, padding=2, stride=2, bias=not config.batch_norm)
+            else:
+                conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1, bias=not config.batch_norm)
+            blocks.append(conv)
             if config.batch_norm:
                 blocks.append(nn.BatchNorm2d(out_channels))
             blocks.append(nn.ReLU(inplace=True))
-            # Pool only while the map is at least 2x2, so tiny inputs still get every block.
-            if height >= 2 and width >= 2:
+            if strided:  # kernel 5, padding 2, stride 2 gives ceil(H/2) x ceil(W/2)
+                height, width = (height + 1) // 2, (width + 1) // 2
+            elif downsample:
                 blocks.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
             if config.spatial_dropout > 0:

@@ -87,7 +87,8 @@ def variants(config: StudyConfig) -> tuple[Variant, ...]:
 def variant_configs(variant: Variant, config: StudyConfig, seed: int) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configs of one variant and seed (input shape still to be set from the data)."""
     model = ModelConfig(conv_channels=config.conv_channels, fc_units=config.fc_units, dropout=variant.dropout,
-                        spatial_dropout=variant.spatial_dropout, batch_norm=False)
+                        spatial_dropout=variant.spatial_dropout, batch_norm=False,
+                        strided_first_conv=config.strided_first_conv)
     # patience 0: a fixed epoch budget, so curves and seconds per epoch compare like with like.
     training = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, optimizer="adam", lr=config.lr,
                            schedule="cosine", weight_decay=variant.weight_decay, l1=variant.l1, patience=0,

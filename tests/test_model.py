@@ -23,9 +23,27 @@ def test_dropout_stands_before_every_fully_connected_layer():
 
 
 def test_output_shape_for_several_input_shapes():
-    for c, h, w, k in [(1, 8, 8, 10), (3, 28, 20, 4), (1, 1, 1, 2)]:
-        model = _model(in_channels=c, height=h, width=w, num_classes=k).eval()
-        assert model(torch.randn(5, c, h, w)).shape == (5, k)
+    for strided in (True, False):
+        for c, h, w, k in [(1, 8, 8, 10), (3, 28, 20, 4), (1, 7, 9, 3), (1, 1, 1, 2)]:
+            model = _model(in_channels=c, height=h, width=w, num_classes=k, strided_first_conv=strided).eval()
+            assert model(torch.randn(5, c, h, w)).shape == (5, k)
+
+
+def test_first_block_downsamples_by_stride_or_by_max_pool():
+    strided, pooled = _model(height=28, width=28), _model(height=28, width=28, strided_first_conv=False)
+    assert strided.features[0].stride == (2, 2) and strided.features[0].kernel_size == (5, 5)
+    assert pooled.features[0].stride == (1, 1) and pooled.features[0].kernel_size == (3, 3)
+    # The second block pools in both; only the first block differs.
+    assert [type(m).__name__ for m in strided.features].count("MaxPool2d") == 1
+    assert [type(m).__name__ for m in pooled.features].count("MaxPool2d") == 2
+    assert strided.classifier[2].in_features == pooled.classifier[2].in_features == 8 * 7 * 7
+
+
+def test_a_record_without_the_stride_field_rebuilds_the_pooled_model():
+    """Checkpoints written before `strided_first_conv` existed describe the max-pooled first block."""
+    old_record = {"conv_channels": [4, 8], "fc_units": [16], "height": 28, "width": 28}
+    assert ModelConfig.from_dict(old_record).strided_first_conv is False
+    assert ModelConfig.from_dict({**old_record, "strided_first_conv": True}).strided_first_conv is True
 
 
 def test_eval_is_deterministic_and_train_is_stochastic():

@@ -36,6 +36,9 @@ def run(
     dropout: Annotated[float, typer.Option(help="Dropout rate before each fully connected layer.")] = 0.5,
     conv_channels: Annotated[str, typer.Option(help="Conv block widths, comma-separated.")] = "32,64",
     fc_units: Annotated[str, typer.Option(help="Hidden fully connected units, comma-separated.")] = "128",
+    strided_first_conv: Annotated[bool, typer.Option(
+        "--strided-first-conv/--pooled-first-conv",
+        help="First block: conv 5x5 stride 2 (default) or the classic conv 3x3 + 2x2 max pool.")] = True,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 disables).")] = TrainConfig.patience,
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation, shuffling and dropout masks.")] = 0,
     dropout_twin: Annotated[bool, typer.Option(help="Also train and export the dropout-0 twin and measure what dropout "
@@ -54,7 +57,8 @@ def run(
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
     model_config = ModelConfig(conv_channels=int_list(conv_channels, "--conv-channels"),
-                               fc_units=int_list(fc_units, "--fc-units"), dropout=dropout)
+                               fc_units=int_list(fc_units, "--fc-units"), dropout=dropout,
+                               strided_first_conv=strided_first_conv)
     train_config = TrainConfig(epochs=epochs, patience=patience, seed=seed)
     bench_config = BenchConfig(batch_sizes=int_list(batch_sizes, "--batch-sizes"), duration=bench_seconds)
     if dropout_twin and dropout == 0:

@@ -34,6 +34,9 @@ def study(
         help=f"Variants to train, comma-separated, from {','.join(STUDY_VARIANTS)} (default: all).")] = None,
     conv_channels: Annotated[Optional[str], typer.Option(help="Conv block widths (default 32,64; --quick 16,32).")] = None,
     fc_units: Annotated[Optional[str], typer.Option(help="Hidden fully connected units (default 128; --quick 64).")] = None,
+    strided_first_conv: Annotated[bool, typer.Option(
+        "--strided-first-conv/--pooled-first-conv",
+        help="First block: conv 5x5 stride 2 (the default model) or the classic conv 3x3 + 2x2 max pool.")] = True,
     weight_decay: Annotated[float, typer.Option(
         help="L2 coefficient of the l2 and dropout_l2 variants (AdamW decoupled).")] = StudyConfig.weight_decay,
     l1: Annotated[float, typer.Option(help="L1 coefficient of the l1 variant.")] = StudyConfig.l1,
@@ -67,7 +70,8 @@ def study(
         values["conv_channels"] = int_list(conv_channels, "--conv-channels")
     if fc_units is not None:
         values["fc_units"] = int_list(fc_units, "--fc-units")
-    config = StudyConfig(**values, weight_decay=weight_decay, l1=l1, spatial_dropout=spatial_dropout, threads=threads)
+    config = StudyConfig(**values, weight_decay=weight_decay, l1=l1, spatial_dropout=spatial_dropout, threads=threads,
+                         strided_first_conv=strided_first_conv)
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
     folder = out or _default_out(data_config)
 
