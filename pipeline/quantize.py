@@ -126,6 +126,28 @@ def prepare(fp32_path: Path, out_path: Path, enabled: bool) -> Path:
     return out_path
 
 
+# Ops between a Conv and its pool that change values one by one (the layout and the map size stay).
+_ELEMENTWISE = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
+
+
+def feeds_max_pool(model: onnx.ModelProto, conv_name: str) -> bool:
+    """Whether the Conv's output reaches a MaxPool through elementwise ops alone (conv -> ReLU -> pool)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    node = next(n for n in model.graph.node if n.name == conv_name)
+    while True:
+        following = consumers.get(node.output[0], [])
+        if len(following) != 1:
+            return False
+        node = following[0]
+        if node.op_type == "MaxPool":
+            return True
+        if node.op_type not in _ELEMENTWISE:
+            return False
+
+
 def base_exclusions(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[str, ...]:
     """The node names kept in fp32 by configuration, checked against the graph."""
     names = [node.name for node in model.graph.node]
@@ -135,8 +157,11 @@ def base_exclusions(model: onnx.ModelProto, config: QuantizeConfig) -> tuple[str
     excluded = list(config.nodes_to_exclude)
     convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
     matmuls = [node.name for node in model.graph.node if node.op_type in MATMUL_OPS]
-    if config.keep_first_conv_fp32 and convs:
-        excluded.append(convs[0])  # graph.node is topologically sorted (ONNX requires it)
+    keep_first = config.keep_first_conv_fp32
+    if keep_first is None:  # graph.node is topologically sorted (ONNX requires it): convs[0] is the first
+        keep_first = bool(convs) and feeds_max_pool(model, convs[0])
+    if keep_first and convs:
+        excluded.append(convs[0])
     if config.keep_last_layer_fp32 and matmuls:
         excluded.append(matmuls[-1])
     return tuple(dict.fromkeys(excluded))

@@ -56,10 +56,9 @@ def test_static_qdq_quantizes_every_conv(quantized_master, exported_run_master):
     model = onnx.load(str(quantized_master / "model.int8.onnx"))
     covered = conv_inputs_from_dq(model)
     assert fp32_convs >= 2 and len(covered) == fp32_convs
-    # The default recipe keeps the first Conv (few input channels) in fp32 because that is what makes int8
-    # faster than fp32 on x86 (README, "Performance"); every other Conv is quantized.
-    assert all(covered[1:])
-    assert covered[0] is (not QuantizeConfig().keep_first_conv_fp32)
+    # The default architecture's first Conv is strided (no max pool after it): the default recipe quantizes it
+    # too, which measured fastest on x86 (README, "Performance").
+    assert all(covered)
     # Negative control: the same check on the fp32 model finds no quantized Conv.
     assert not any(conv_inputs_from_dq(onnx.load(str(exported_run_master / "model.onnx"))))
 
@@ -212,6 +211,36 @@ def test_fp16_variant_is_half_precision_and_checked(quantized_master):
     assert parity["passed"] and 0 < parity["relative_diff"] <= parity["tolerance"]
     assert record["input"]["dtype"] == "float32"
     assert manifest["recommended"] != "fp16"
+
+
+def _chain(*ops: str, extra_consumer: bool = False) -> onnx.ModelProto:
+    """A graph input -> Conv -> ops... (one output each), optionally with a second consumer of the Conv."""
+    from onnx import TensorProto, helper
+
+    nodes, previous = [helper.make_node("Conv", ["x", "w"], ["c0"], name="conv0")], "c0"
+    for i, op in enumerate(ops, 1):
+        nodes.append(helper.make_node(op, [previous], [f"c{i}"], name=f"{op.lower()}{i}"))
+        previous = f"c{i}"
+    if extra_consumer:
+        nodes.append(helper.make_node("Identity", ["c0"], ["side"], name="side"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, None)])
+    return helper.make_model(graph)
+
+
+def test_first_conv_stays_fp32_only_when_it_feeds_a_max_pool():
+    from pipeline.quantize import base_exclusions, feeds_max_pool
+
+    assert feeds_max_pool(_chain("Relu", "MaxPool"), "conv0")
+    assert feeds_max_pool(_chain("MaxPool"), "conv0")
+    # Negative controls: a strided block (conv -> ReLU -> conv), a pool behind a non-elementwise op, a fork.
+    assert not feeds_max_pool(_chain("Relu", "Conv"), "conv0")
+    assert not feeds_max_pool(_chain("Relu", "Reshape", "MaxPool"), "conv0")
+    assert not feeds_max_pool(_chain("Relu", "MaxPool", extra_consumer=True), "conv0")
+    assert base_exclusions(_chain("Relu", "MaxPool"), QuantizeConfig()) == ("conv0",)
+    assert base_exclusions(_chain("Relu", "Conv"), QuantizeConfig()) == ()
+    assert base_exclusions(_chain("Relu", "Conv"), QuantizeConfig(keep_first_conv_fp32=True)) == ("conv0",)
+    assert base_exclusions(_chain("Relu", "MaxPool"), QuantizeConfig(keep_first_conv_fp32=False)) == ()
 
 
 def test_recommendation_rules():

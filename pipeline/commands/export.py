@@ -47,7 +47,7 @@ def export(
     max_accuracy_drop: q.MaxAccuracyDrop = 0.5,
     max_excluded_nodes: q.MaxExcluded = 1,
     exclude_nodes: q.ExcludeNodes = None,
-    keep_first_conv_fp32: q.KeepFirstConv = True,
+    keep_first_conv_fp32: q.KeepFirstConv = None,
     disable_optimizers: q.DisableOptimizers = None,
     speed_check: q.SpeedCheck = True,
     speed_batch: q.SpeedBatch = 256,

@@ -33,8 +33,10 @@ MaxExcluded = Annotated[int, typer.Option("--max-excluded-nodes",
                                           help="When the gate fails, keep up to this many of the most sensitive nodes in fp32.")]
 ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node",
                                                             help="Keep this node in fp32 (repeatable).")]
-KeepFirstConv = Annotated[bool, typer.Option("--keep-first-conv-fp32/--quantize-first-conv",
-                                             help="Keep the first Conv in fp32 (default: faster on x86) or quantize it too.")]
+KeepFirstConv = Annotated[Optional[bool], typer.Option(
+    "--keep-first-conv-fp32/--quantize-first-conv",
+    help="Keep the first Conv in fp32 or quantize it too (default: fp32 when it feeds a max pool, int8 when it is strided;"
+         " the faster of the two on x86, see README Performance).")]
 DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
     "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
 SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
@@ -46,7 +48,7 @@ Fp16 = Annotated[bool, typer.Option("--fp16",
 def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", per_channel: bool = False,
             activation_type: str = "uint8", weight_type: str = "int8", calibration_samples: int = 256,
             calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
-            exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool = True,
+            exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool | None = None,
             disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
             fp16: bool = False):
     """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
@@ -126,7 +128,7 @@ def quantize(
     max_accuracy_drop: MaxAccuracyDrop = 0.5,
     max_excluded_nodes: MaxExcluded = 1,
     exclude_nodes: ExcludeNodes = None,
-    keep_first_conv_fp32: KeepFirstConv = True,
+    keep_first_conv_fp32: KeepFirstConv = None,
     disable_optimizers: DisableOptimizers = None,
     speed_check: SpeedCheck = True,
     speed_batch: SpeedBatch = 256,
