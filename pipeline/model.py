@@ -1,7 +1,7 @@
 """The dropout CNN, and nothing else.
 
 Conv blocks (conv 3x3, optional BatchNorm, ReLU, 2x2 max pool, optional `nn.Dropout2d`; by default the
-first block halves the map with a 5x5 stride-2 conv instead of conv 3x3 + max pool), then
+first block of an input of 16x16 or more halves the map with a 5x5 stride-2 conv instead), then
 fully connected layers with `nn.Dropout` before each one: the classic recipe, rate 0.5 by
 default. Both dropout modules honour `eval()`: at inference they are the identity, which the
 export's audit proves on the ONNX graph.
@@ -24,7 +24,7 @@ class DropoutCNN(nn.Module):
         for index, out_channels in enumerate(config.conv_channels):
             # Halve the map only while it is at least 2x2, so tiny inputs still get every block.
             downsample = height >= 2 and width >= 2
-            strided = downsample and index == 0 and config.strided_first_conv
+            strided = downsample and index == 0 and config.first_conv_is_strided()
             if strided:  # 5x5, not 3x3: stride-2 windows then overlap by 3 pixels, not 1 (it kept MNIST accuracy)
                 conv = nn.Conv2d(channels, out_channels, kernel_size=5, padding=2, stride=2, bias=not config.batch_norm)
             else:

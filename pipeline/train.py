@@ -14,7 +14,7 @@ import pickle
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,11 @@ def resolve_device(requested: str) -> torch.device:
 def model_config_for(splits: Splits, base: ModelConfig) -> ModelConfig:
     """The model config with its input shape and class count taken from the data."""
     channels, (height, width) = splits.preprocess.channels, splits.preprocess.size
-    return ModelConfig(**{**to_dict(base), "in_channels": channels, "height": height, "width": width,
-                          "num_classes": len(splits.labels), "conv_channels": base.conv_channels,
-                          "fc_units": base.fc_units})
+    config = ModelConfig(**{**to_dict(base), "in_channels": channels, "height": height, "width": width,
+                            "num_classes": len(splits.labels), "conv_channels": base.conv_channels,
+                            "fc_units": base.fc_units})
+    # The checkpoint records the first block as built, not "decide by size".
+    return replace(config, strided_first_conv=config.first_conv_is_strided())
 
 
 def to_tensors(splits: Splits, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -39,6 +39,16 @@ def test_first_block_downsamples_by_stride_or_by_max_pool():
     assert strided.classifier[2].in_features == pooled.classifier[2].in_features == 8 * 7 * 7
 
 
+def test_first_block_is_strided_by_default_from_16x16_up():
+    assert _model(height=28, width=28).features[0].stride == (2, 2)
+    assert _model(height=16, width=20).features[0].stride == (2, 2)
+    assert _model(height=15, width=28).features[0].stride == (1, 1)
+    assert _model(height=8, width=8).features[0].stride == (1, 1)
+    # An explicit choice wins over the size.
+    assert _model(height=8, width=8, strided_first_conv=True).features[0].stride == (2, 2)
+    assert _model(height=28, width=28, strided_first_conv=False).features[0].stride == (1, 1)
+
+
 def test_a_record_without_the_stride_field_rebuilds_the_pooled_model():
     """Checkpoints written before `strided_first_conv` existed describe the max-pooled first block."""
     old_record = {"conv_channels": [4, 8], "fc_units": [16], "height": 28, "width": 28}
