@@ -47,7 +47,7 @@ class DataConfig:
     data_dir: Path | None = None
     """Folder of IDX files or of class sub-folders, or the `.npz` file. Unused for `digits`."""
     image_size: tuple[int, int] | None = None
-    """(H, W) every image is resized to. Required for `folder`; others keep their size."""
+    """(H, W) every image is resized to (bilinear, any source). Required for `folder`; None keeps the stored size."""
     channels: int | None = None
     """1 or 3 for `folder`; None decides from the images (grayscale if all are)."""
     test_fraction: float = 0.2

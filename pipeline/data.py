@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,25 @@ def load(config: DataConfig) -> Splits:
     readers = {"digits": _read_digits, "idx": _read_idx_dir, "folder": _read_image_folder, "npz": _read_npz}
     raw = readers[config.dataset](config)
     _check_finite(raw)
+    if config.image_size is not None and raw.x.shape[2:] != tuple(config.image_size):
+        raw = _resized(raw, config.image_size)  # a folder's images were resized as they were read
     return _split(raw, config)
+
+
+def _resized(raw: _Raw, size: tuple[int, int]) -> _Raw:
+    """Every image resized to `size` (H, W) with the bilinear filter `load_image` uses, in the source's own range."""
+    from PIL import Image
+
+    def resize(x: np.ndarray) -> np.ndarray:
+        out = np.empty((*x.shape[:2], *size), dtype=np.float32)
+        for i, image in enumerate(x):
+            for c, plane in enumerate(image):  # mode "F": 32-bit float planes, no rounding to 8 bits
+                resized = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
+                out[i, c] = np.asarray(resized.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        return out
+
+    return replace(raw, x=resize(raw.x), x_test=None if raw.x_test is None else resize(raw.x_test),
+                   source=f"{raw.source}, resized to {size[0]}x{size[1]}")
 
 
 def load_trained_on(config: DataConfig, fingerprint: str | None, what: str) -> Splits:

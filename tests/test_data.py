@@ -115,6 +115,23 @@ def _write_npz(path, **overrides):
     return path
 
 
+def test_image_size_resizes_every_source(tmp_path):
+    plain, resized = data.load(DataConfig()), data.load(DataConfig(image_size=(16, 12)))
+    assert plain.x_train.shape[2:] == (8, 8) and plain.preprocess.size == (8, 8)
+    assert resized.x_train.shape[2:] == (16, 12) and resized.x_test.shape[2:] == (16, 12)
+    assert resized.preprocess.size == (16, 12) and "resized to 16x12" in resized.source
+    assert resized.fingerprint != plain.fingerprint  # a run trained at 8x8 refuses 16x12 data, and back
+    # Same images, same labels, same range (bilinear mixes neighbours, it never leaves 0-16).
+    assert np.array_equal(resized.y_train, plain.y_train)
+    assert 0 <= resized.x_train.min() and resized.x_train.max() <= 16
+    downsampled = resized.x_train[:, :, ::2, ::2]
+    assert np.corrcoef(downsampled.ravel(), data.load(DataConfig(image_size=(8, 6))).x_train.ravel())[0, 1] > 0.9
+    # Asking for the stored size changes nothing (the negative control).
+    assert np.array_equal(data.load(DataConfig(image_size=(8, 8))).x_train, plain.x_train)
+    folder = write_idx_folder(tmp_path / "idx")
+    assert data.load(DataConfig(dataset="idx", data_dir=folder, image_size=(4, 4))).x_test.shape[2:] == (4, 4)
+
+
 def test_npz_like_keras_mnist(tmp_path):
     path = _write_npz(tmp_path / "d.npz")
     splits = data.load(DataConfig(dataset="npz", data_dir=path))

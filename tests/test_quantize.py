@@ -66,18 +66,12 @@ def test_static_qdq_quantizes_every_conv(quantized_master, exported_run_master):
 @pytest.mark.slow
 def test_strided_first_conv_is_quantized_by_default(tmp_path):
     """At 16x16 the default model's first block is a strided conv (no max pool): every Conv becomes int8."""
-    from sklearn.datasets import load_digits
-
     from pipeline.config import DataConfig, ExportConfig, ModelConfig, TrainConfig
     from pipeline.workflow import export_run, quantize_run, train_run
     from tests.conftest import TINY_MODEL, TINY_TRAIN
 
-    digits = load_digits()  # the bundled digits, each pixel doubled to 16x16, as uint8 0-255
-    images = (np.kron(digits.images, np.ones((1, 2, 2))) * 255 / 16).astype(np.uint8)
-    npz = tmp_path / "digits16.npz"
-    np.savez(npz, x_train=images[:1400], y_train=digits.target[:1400], x_test=images[1400:], y_test=digits.target[1400:])
     run = tmp_path / "digits16"
-    train_run(DataConfig(dataset="npz", data_dir=npz), ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), run)
+    train_run(DataConfig(image_size=(16, 16)), ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), run)
     assert artifacts.read_manifest(run)["model"]["config"]["strided_first_conv"] is True
     export_run(run, ExportConfig())
     quantize_run(run, QuantizeConfig(speed_check=False))
