@@ -37,6 +37,9 @@ METRICS = "metrics.json"
 CURVES = "curves.png"
 TRAIN_STATE = "train_state.pt"
 PARTIAL_SUFFIX = ".partial"
+# An artifact's `runtime` when it needs no session option of its own: ORT's defaults, spelled out.
+# Read-only: copy it (dict(...)) before recording or changing it.
+DEFAULT_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
 MANIFEST_SCHEMA = 1
 
 

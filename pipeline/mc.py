@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import artifacts
 from pipeline.config import DataConfig, MCConfig
 from pipeline.errors import DataError, PipelineError
 
@@ -309,7 +310,7 @@ def verify_mc(path: Path, reference: Reference, config: MCConfig, runtime_settin
     """Prove that `path` is a working MC dropout model; `MCVerificationError` with every failure otherwise."""
     from pipeline import onnxfile
 
-    runtime_settings = runtime_settings or {"graph_optimization_level": "all", "disabled_optimizers": []}
+    runtime_settings = runtime_settings or artifacts.DEFAULT_RUNTIME
     failures: list[str] = []
     model = onnxfile.load_model(path)
     graph_random = random_ops(model)

@@ -527,7 +527,7 @@ def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndar
         OnnxModel(half).topological_sort()
     except Exception as exc:
         raise Fp16Error(f"fp16 conversion of {fp32_path} failed ({type(exc).__name__}): {_first_line(exc)}") from None
-    settings = {"graph_optimization_level": "all", "disabled_optimizers": []}
+    settings = dict(artifacts.DEFAULT_RUNTIME)
     fp32, fp32_logits = score(fp32_path, fp32_runtime or {}, x_test, y_test, None, provider=config.provider)
     with tempfile.TemporaryDirectory(prefix="pipeline-fp16-") as tmp:
         candidate = Path(tmp) / "model.fp16.onnx"

@@ -263,7 +263,7 @@ def _time_all(paths: dict[str, Path], config: StudyConfig, preprocess, emit: Cal
     x = rng.standard_normal((1, preprocess.channels, *preprocess.size)).astype(np.float32)
     sessions = {}
     for name, path in paths.items():
-        session = create_session(path, runtime={"graph_optimization_level": "all"}, threads=config.latency_threads)
+        session = create_session(path, runtime=artifacts.DEFAULT_RUNTIME, threads=config.latency_threads)
         sessions[name] = (session, session.get_inputs()[0].name)
     names = list(sessions)
     for _ in range(config.latency_warmup):

@@ -123,7 +123,6 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
 # --- export: checkpoint -> the shipped fp32 model.onnx, with its proof --------------------
 
 FP32_FILE = "model.onnx"
-FP32_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
     step("verify the model to ship")
     final_check = verify.verify_model(shipped, model, x_val, config.tolerance, config.parity_batch_sizes,
                                       config.determinism_repeats, twin_histogram=op_histogram(twin_shipped),
-                                      reference_images=config.reference_images, optimized_runtime=FP32_RUNTIME)
+                                      reference_images=config.reference_images, optimized_runtime=artifacts.DEFAULT_RUNTIME)
     verify.raise_for_failures(final_check, "simplified model" if simplify_report else "exported model")
     seconds["verify"] = time.perf_counter() - started
 
@@ -298,7 +297,7 @@ def _ort_vs_torch_accuracy(proto, model, x_test, y_test) -> dict:
     from pipeline.runtime import create_session, run_batched
     from pipeline.train import predictions
 
-    session = create_session(proto.SerializeToString(), runtime=FP32_RUNTIME)
+    session = create_session(proto.SerializeToString(), runtime=artifacts.DEFAULT_RUNTIME)
     ort_pred = run_batched(session, x_test).argmax(1)
     torch_pred = predictions(model, x_test)
     return {"ort": float(np.mean(ort_pred == y_test)), "torch": float(np.mean(torch_pred == y_test)),
@@ -314,7 +313,7 @@ def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, fin
         "file": FP32_FILE, "kind": "fp32", "parent": None, "sha256": sha256, "bytes": size,
         "opset": opset(written), "ir_version": written.ir_version,
         "input": signature["inputs"][0], "output": signature["outputs"][0],
-        "test_accuracy": accuracy["ort"], "runtime": dict(FP32_RUNTIME),
+        "test_accuracy": accuracy["ort"], "runtime": dict(artifacts.DEFAULT_RUNTIME),
         "verification": {
             "passed": True, "tolerance": config.tolerance,
             "torch_test_accuracy": accuracy["torch"], "ort_test_accuracy": accuracy["ort"],
@@ -430,7 +429,7 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     if not fp32_path.is_file() or artifacts.sha256_file(fp32_path) != fp32.get("sha256"):
         raise artifacts.RunFolderError(f"{fp32_path}: missing or not the file the manifest records (sha256 differs): "
                                        f"re-run `pipeline export {run_dir}`")
-    fp32_runtime = fp32.get("runtime") or dict(FP32_RUNTIME)
+    fp32_runtime = fp32.get("runtime") or dict(artifacts.DEFAULT_RUNTIME)
 
     step("load data")
     splits = data.load_trained_on(DataConfig.from_dict(manifest["dataset"]["config"]),
@@ -582,8 +581,6 @@ def _variants_table(records: dict) -> list[dict]:
 
 # --- MC dropout: model.mc.onnx, dropout active at inference, with uncertainty outputs -------
 
-MC_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
-
 
 @dataclass(frozen=True)
 class MCRun:
@@ -629,11 +626,11 @@ def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None =
             seconds["export"] = time.perf_counter() - started
             started = time.perf_counter()
             step("verify: random ops, ORT levels, onnxsim, accuracy, convergence")
-            verification = mc.verify_mc(tmp, reference, config, MC_RUNTIME)
+            verification = mc.verify_mc(tmp, reference, config, artifacts.DEFAULT_RUNTIME)
             seconds["verify"] = time.perf_counter() - started
             started = time.perf_counter()
             step("evaluate: out-of-distribution AUROC, rejection curve")
-            evaluation = mc.evaluate_uncertainty(tmp, reference, config, MC_RUNTIME, verification.test_outputs)
+            evaluation = mc.evaluate_uncertainty(tmp, reference, config, artifacts.DEFAULT_RUNTIME, verification.test_outputs)
             seconds["evaluate"] = time.perf_counter() - started
             written = load_model(tmp)
             sha256, size = artifacts.sha256_file(tmp), tmp.stat().st_size
@@ -658,7 +655,7 @@ def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None =
         "outputs": [{**value, "meaning": mc.OUTPUT_MEANINGS[value["name"]]} for value in signature["outputs"]],
         "samples": config.samples,
         "test_accuracy": accuracy["mc"],
-        "runtime": dict(MC_RUNTIME),
+        "runtime": dict(artifacts.DEFAULT_RUNTIME),
         "randomness": ("dropout masks come from RandomUniformLike ops: every run draws new masks. "
                        "Call onnxruntime.set_seed(s) before creating a session to make a process reproducible."),
         "verification": {"passed": True, **verification.record,

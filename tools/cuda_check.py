@@ -90,7 +90,7 @@ def export_fp32(run_dir: Path) -> Path:
 
     def record(manifest: dict) -> None:
         manifest["artifacts"].setdefault("fp32", {"file": path.name, "kind": "fp32", "parent": None,
-                                                  "runtime": {"graph_optimization_level": "all", "disabled_optimizers": []}})
+                                                  "runtime": dict(artifacts.DEFAULT_RUNTIME)})
         manifest["artifacts"]["fp32"].update(sha256=artifacts.sha256_file(path), bytes=path.stat().st_size)
 
     artifacts.update_manifest(run_dir, record)
@@ -102,9 +102,9 @@ def nodes_by_provider(path: Path, batch: int) -> dict[str, int]:
     import numpy as np
     import onnxruntime as ort
 
-    from pipeline import runtime
+    from pipeline import artifacts, runtime
 
-    options = runtime.session_options({"graph_optimization_level": "all"})
+    options = runtime.session_options(artifacts.DEFAULT_RUNTIME)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
         options.profile_file_prefix = str(Path(folder) / "cuda_check")
