@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import console, image_size, int_list
+from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
 from pipeline.config import TrainConfig
 
 TWIN_SUFFIX = "-dropout0"
@@ -36,10 +36,7 @@ def run(
     dropout: Annotated[float, typer.Option(help="Dropout rate before each fully connected layer.")] = 0.5,
     conv_channels: Annotated[str, typer.Option(help="Conv block widths, comma-separated.")] = "32,64",
     fc_units: Annotated[str, typer.Option(help="Hidden fully connected units, comma-separated.")] = "128",
-    strided_first_conv: Annotated[Optional[bool], typer.Option(
-        "--strided-first-conv/--pooled-first-conv",
-        help="First block: conv 5x5 stride 2 (faster, most of all in int8) or conv 3x3 + 2x2 max pool."
-             " Default: strided for inputs of 16x16 or more.")] = None,
+    strided_first_conv: StridedFirstConv = None,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 disables).")] = TrainConfig.patience,
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation, shuffling and dropout masks.")] = 0,
     dropout_twin: Annotated[bool, typer.Option(help="Also train and export the dropout-0 twin and measure what dropout "

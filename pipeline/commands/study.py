@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import console, image_size, int_list
+from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
 from pipeline.config import STUDY_VARIANTS, DataConfig, StudyConfig
 
 # --quick: the whole study on 2 CPU cores in well under 3 minutes (bundled digits).
@@ -34,10 +34,7 @@ def study(
         help=f"Variants to train, comma-separated, from {','.join(STUDY_VARIANTS)} (default: all).")] = None,
     conv_channels: Annotated[Optional[str], typer.Option(help="Conv block widths (default 32,64; --quick 16,32).")] = None,
     fc_units: Annotated[Optional[str], typer.Option(help="Hidden fully connected units (default 128; --quick 64).")] = None,
-    strided_first_conv: Annotated[Optional[bool], typer.Option(
-        "--strided-first-conv/--pooled-first-conv",
-        help="First block: conv 5x5 stride 2 (faster, most of all in int8) or conv 3x3 + 2x2 max pool."
-             " Default: strided for inputs of 16x16 or more.")] = None,
+    strided_first_conv: StridedFirstConv = None,
     weight_decay: Annotated[float, typer.Option(
         help="L2 coefficient of the l2 and dropout_l2 variants (AdamW decoupled).")] = StudyConfig.weight_decay,
     l1: Annotated[float, typer.Option(help="L1 coefficient of the l1 variant.")] = StudyConfig.l1,

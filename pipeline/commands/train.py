@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import console, image_size, int_list
+from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 
 
@@ -33,10 +33,7 @@ def train(
     conv_channels: Annotated[str, typer.Option(help="Output channels of the conv blocks, comma-separated.")] = "32,64",
     fc_units: Annotated[str, typer.Option(help="Hidden fully connected units, comma-separated ('' for none).")] = "128",
     batch_norm: Annotated[bool, typer.Option(help="BatchNorm after each conv.")] = False,
-    strided_first_conv: Annotated[Optional[bool], typer.Option(
-        "--strided-first-conv/--pooled-first-conv",
-        help="First block: conv 5x5 stride 2 (faster, most of all in int8) or conv 3x3 + 2x2 max pool."
-             " Default: strided for inputs of 16x16 or more.")] = None,
+    strided_first_conv: StridedFirstConv = None,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation loss (0 disables).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of splits, initialisation, shuffling and dropout masks.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
