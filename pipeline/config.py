@@ -18,6 +18,13 @@ SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
 
 
+def _refuse_unknown_fields(cls: type, data: dict, what: str) -> None:
+    """A record with fields the config does not have was written by something else: refuse it."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -77,10 +84,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
         """Rebuild from a checkpoint's or manifest's plain dict (strings back to paths, lists to tuples)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown data config fields: {sorted(unknown)}")
+        _refuse_unknown_fields(cls, data, "data")
         return cls(**{**data, "data_dir": Path(data["data_dir"]) if data.get("data_dir") else None,
                       "image_size": tuple(data["image_size"]) if data.get("image_size") else None})
 
@@ -137,10 +141,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """Rebuild from a checkpoint's plain dict (lists back to tuples)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        _refuse_unknown_fields(cls, data, "model")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         # Records written before the field existed all describe the max-pooled first block.
         values.setdefault("strided_first_conv", False)
