@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -381,24 +379,19 @@ def measure_training(run: RunModels, seconds: float, rounds: int, batch: int = 6
     return res
 
 
-def environment() -> dict:
-    import onnxruntime as ort
-    import torch
+# The instruction sets the summary line names, when the host has them.
+SUMMARY_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
-    flags = ""
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f" {f}" in flags],
-            "onnxruntime": ort.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "python": platform.python_version()}
+
+def environment() -> dict:
+    """`pipeline bench`'s record of the host (CPU, flags, versions, load), plus the short fields the summary prints."""
+    from pipeline import bench
+
+    env = bench.environment()
+    versions = env["versions"]
+    return {**env, "cpu": env["cpu_model"], "cores": env["logical_cores"],
+            "isa": [f for f in SUMMARY_ISA if f in env["cpu_flags"]],
+            "onnxruntime": versions["onnxruntime"], "torch": versions["torch"], "onnx": versions["onnx"]}
 
 
 def acceptance(result: dict) -> list[dict]:
