@@ -88,9 +88,7 @@ class RunModels:
         from pipeline import data
         from pipeline.config import DataConfig
 
-        cfg = dict(self.manifest["dataset"]["config"])
-        cfg["image_size"] = tuple(cfg["image_size"]) if cfg.get("image_size") else None
-        splits = data.load(DataConfig(**cfg))
+        splits = data.load(DataConfig.from_dict(self.manifest["dataset"]["config"]))
         pre = data.Preprocess.from_dict(self.manifest["preprocess"])
         return pre.apply(splits.x_test), splits.y_test
 
