@@ -27,16 +27,20 @@ step() {  # step NAME COMMAND...: run, keep its output in $OUT/NAME.log, report 
     echo "=== $name: exit $rc"
 }
 
+metrics() {  # metrics RUN: what the run's metrics.json says about where and how fast it trained
+    python3 -c "import json, sys; m = json.load(open(sys.argv[1] + '/metrics.json')); print({k: m[k] for k in ('device', 'world_size', 'test_accuracy', 'epochs_run', 'seconds_per_epoch', 'images_per_second') if k in m})" "$1"
+}
+
 torch_checks() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/onnxsim-*.whl || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c "import sys, torch, onnx, onnxruntime as o; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), '| onnx', onnx.__version__, '| onnxruntime', o.__version__)"
     step train_cuda python3 -m pipeline train --device cuda --force --out "$RUN"
-    python3 -c "import json; m = json.load(open('$RUN/metrics.json')); print({k: m[k] for k in ('device', 'test_accuracy', 'epochs_run', 'seconds_per_epoch', 'images_per_second') if k in m})"
+    metrics "$RUN"
     step train_cpu16 python3 -m pipeline train --device cpu --force --out models/gpu-digits-cpu
-    python3 -c "import json; m = json.load(open('models/gpu-digits-cpu/metrics.json')); print({k: m[k] for k in ('device', 'test_accuracy', 'epochs_run', 'seconds_per_epoch', 'images_per_second') if k in m})"
+    metrics models/gpu-digits-cpu
     step ddp_nccl torchrun --standalone --nproc_per_node 1 -m pipeline train --device cuda --epochs 5 --force --out models/gpu-ddp
-    python3 -c "import json; m = json.load(open('models/gpu-ddp/metrics.json')); print({k: m[k] for k in ('device', 'test_accuracy', 'world_size', 'seconds_per_epoch') if k in m})"
+    metrics models/gpu-ddp
     step export python3 -m pipeline export --run "$RUN" --quantize --fp16
     cp "$RUN/manifest.json" "$OUT/manifest.json"
 }
