@@ -45,7 +45,7 @@ class TorchTarget:
                 "sha256": artifacts.sha256_file(self.checkpoint), "runtime": {"mode": "eval", "inference_mode": True}}
 
     def open(self, provider: str, batch: int, threads: int, config: BenchConfig, x: np.ndarray):
-        from pipeline.bench import Slot
+        from pipeline.timing import Slot
 
         if provider == "cpu":
             device = torch.device("cpu")

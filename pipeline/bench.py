@@ -36,6 +36,7 @@ from pipeline import artifacts, runtime
 from pipeline.config import BenchConfig, to_dict
 from pipeline.errors import DeviceError, PipelineError, RunFolderError
 from pipeline.onnxfile import ModelFileError, io_signature, load_model
+from pipeline.timing import Slot, round_medians, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 BENCH_JSON = "bench.json"
@@ -58,20 +59,6 @@ class BenchError(PipelineError):
 
 
 # --- what is timed -------------------------------------------------------------------------
-
-
-@dataclass
-class Slot:
-    """One opened target for one (provider, batch, threads): `run` does exactly one timed inference."""
-
-    run: Callable[[], object]
-    info: dict
-    close: Callable[[], None] = lambda: None
-    latencies_ns: list[int] = field(default_factory=list)
-    rounds: list[int] = field(default_factory=list)
-    warmup_runs: int = 0
-    timed_seconds: float = 0.0
-    stopped_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,70 +206,6 @@ def inputs_for(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
     return rng.standard_normal((batch, *shape), dtype=np.float32)
 
 
-def _warm(slot: Slot, config: BenchConfig) -> None:
-    deadline = time.perf_counter() + config.warmup_seconds
-    while slot.warmup_runs < config.warmup and time.perf_counter() < deadline:
-        slot.run()
-        slot.warmup_runs += 1
-
-
-def time_interleaved(slots: Sequence[Slot], config: BenchConfig) -> None:
-    """Warm up every slot, then time them in `config.rounds` interleaved rounds (order reversed on odd rounds)."""
-    for slot in slots:
-        _warm(slot, config)
-    per_round_seconds = config.duration / config.rounds
-    clock = time.perf_counter_ns
-    for round_index in range(config.rounds):
-        # `runs` spread over the rounds exactly (7 runs in 3 rounds: 3, 2, 2); a round may get none.
-        per_round_runs = None
-        if config.runs:
-            per_round_runs = config.runs // config.rounds + (round_index < config.runs % config.rounds)
-            if per_round_runs == 0:
-                continue
-        for slot in (slots if round_index % 2 == 0 else list(reversed(slots))):
-            if slot.timed_seconds >= config.time_limit:
-                continue
-            round_started, done = clock(), 0
-            while True:
-                started = clock()
-                slot.run()
-                ended = clock()
-                slot.latencies_ns.append(ended - started)
-                slot.rounds.append(round_index)
-                done += 1
-                in_round = (ended - round_started) / 1e9
-                if slot.timed_seconds + in_round >= config.time_limit:
-                    slot.stopped_by = "time_limit"
-                    break
-                if per_round_runs is not None and done >= per_round_runs:
-                    break
-                if per_round_runs is None and in_round >= per_round_seconds:
-                    break
-            slot.timed_seconds += (clock() - round_started) / 1e9
-    for slot in slots:
-        slot.stopped_by = slot.stopped_by or ("runs" if config.runs else "duration")
-
-
-def summarize(latencies_ns: Sequence[int], batch: int) -> dict:
-    """Percentiles and spread in milliseconds, throughput in images per second."""
-    ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
-    mean = float(ms.mean())
-    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
-    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
-    return {"runs": int(len(ms)),
-            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "mean": mean, "std": std,
-                           "min": float(ms.min()), "max": float(ms.max())},
-            "cv": std / mean if mean > 0 else 0.0,
-            "throughput_ips": batch / (mean / 1e3) if mean > 0 else 0.0}
-
-
-def round_medians(slot: Slot) -> list[float]:
-    """The p50 latency (ms) of each round, for paired comparisons between slots of one group."""
-    values = np.asarray(slot.latencies_ns, dtype=np.float64) / 1e6
-    rounds = np.asarray(slot.rounds)
-    return [float(np.median(values[rounds == r])) for r in sorted(set(slot.rounds))]
-
-
 # --- one benchmark --------------------------------------------------------------------------
 
 
@@ -334,7 +257,7 @@ def _probe_threads(target: OnnxTarget, provider: str, batch: int, config: BenchC
             slots[threads] = slot
     if not slots:
         return {"provider": provider, "batch": batch, "chosen": 1, "by": "fallback: the probe could not open a session"}
-    time_interleaved(list(slots.values()), probe)
+    time_interleaved(list(slots.values()), probe.timing_plan())
     p50 = {t: summarize(s.latencies_ns, batch)["latency_ms"]["p50"] for t, s in slots.items()}
     chosen = min(p50, key=p50.get)
     return {"provider": provider, "batch": batch, "artifact": target.name,
@@ -401,7 +324,7 @@ def _measure_group(targets, provider, batch, threads, source, config) -> list[di
         else:
             opened.append((target, slot))
     try:
-        time_interleaved([slot for _, slot in opened], config)
+        time_interleaved([slot for _, slot in opened], config.timing_plan())
     finally:
         for _, slot in opened:
             slot.close()

@@ -277,6 +277,13 @@ class BenchConfig:
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _require(self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}")
 
+    def timing_plan(self):
+        """The harness's plan (`pipeline.timing.TimingPlan`) for one measurement group of this bench."""
+        from pipeline.timing import TimingPlan
+
+        return TimingPlan(warmup=self.warmup, warmup_seconds=self.warmup_seconds, runs=self.runs, duration=self.duration,
+                          rounds=self.rounds, time_limit=self.time_limit)
+
 
 @dataclass(frozen=True)
 class PredictConfig:
