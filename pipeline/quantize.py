@@ -2,9 +2,11 @@
 
 The int8 recipe is onnxruntime.quantization's: `quant_pre_process`, then `quantize_static`
 with a calibration reader over training images (or `quantize_dynamic`). Every candidate is
-written to a temporary folder and judged through ONNX Runtime on the test split: accuracy
-against the fp32 file's accuracy, and agreement with the fp32 predictions. Only a candidate
-that passes is copied (atomically) to the target path; a failing one is never written there.
+written to a temporary folder and judged through ONNX Runtime on the VALIDATION split:
+accuracy against the fp32 file's accuracy, and agreement with the fp32 predictions. Only a
+candidate that passes is copied (atomically) to the target path; a failing one is never written
+there. The gates here never see the test split: the workflow measures test accuracy once, on the
+file chosen, after every choice is made (`score`), so the reported number was not selected on.
 
 When the gate fails, the nodes are ranked by how much their own quantization hurts (the
 signal-to-quantization-noise ratio of their weights and activations, measured with
@@ -220,7 +222,7 @@ def _finish(candidate: Path, fp32_path: Path, config: QuantizeConfig, excluded: 
 
 @dataclass(frozen=True)
 class Score:
-    """A model's predictions on the test split, against the labels and the fp32 predictions."""
+    """A model's predictions on one split, against its labels and the fp32 predictions."""
 
     accuracy: float
     agreement: float
@@ -281,7 +283,7 @@ class QuantizeResult:
     runtime: dict
 
     def gate_dict(self) -> dict:
-        return {"passed": True, "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
+        return {"passed": True, "split": "validation", "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
                 "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
                 "agreement": self.agreement, "min_agreement": self.config.min_agreement,
                 "excluded_nodes": list(self.excluded), "attempts": [a.to_dict() for a in self.attempts],
@@ -304,15 +306,16 @@ def _passes(candidate: Score, fp32: Score, config: QuantizeConfig) -> tuple[bool
 
 
 def quantize_gated(fp32_path: Path, out_path: Path, config: QuantizeConfig, calibration: np.ndarray | None,
-                   probe: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, fp32_runtime: dict | None = None) -> QuantizeResult:
-    """Quantize `fp32_path`, judge it on the test split, exclude sensitive nodes if needed; write `out_path` only on a pass.
+                   probe: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, fp32_runtime: dict | None = None) -> QuantizeResult:
+    """Quantize `fp32_path`, judge it on the validation split, exclude sensitive nodes if needed; write `out_path` only on a pass.
 
     `calibration`: preprocessed images for the static ranges. `probe`: preprocessed training images
     on which per-node sensitivity is measured (apart from `calibration`, so a bad calibration set
-    cannot hide its own damage).
+    cannot hide its own damage). `x_val`, `y_val`: the validation split, the only data any choice
+    here reads; the accuracies in the result are validation accuracies.
     """
     settings = runtime_settings(config)
-    fp32, _ = score(fp32_path, fp32_runtime or {}, x_test, y_test, None)
+    fp32, _ = score(fp32_path, fp32_runtime or {}, x_val, y_val, None)
     with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp:
         work = Path(tmp)
         prepared = prepare(fp32_path, work / "prepared.onnx", config.pre_process)
@@ -325,7 +328,7 @@ def quantize_gated(fp32_path: Path, out_path: Path, config: QuantizeConfig, cali
             candidate = work / f"candidate-{len(attempts)}.onnx"
             quantize_model(prepared, candidate, config, calibration, excluded)
             _finish(candidate, fp32_path, config, excluded)
-            result, _ = score(candidate, settings, x_test, y_test, fp32.predictions)
+            result, _ = score(candidate, settings, x_val, y_val, fp32.predictions)
             ok, drop = _passes(result, fp32, config)
             attempts.append(Attempt(tuple(excluded), result.accuracy, result.agreement, drop, ok))
             log.info("int8 candidate %d: accuracy %.4f (fp32 %.4f, drop %.2f points), agreement %.4f, excluded %s",
@@ -351,7 +354,7 @@ def _gate_error(fp32: Score, result: Score, drop: float, excluded: Sequence[str]
     agreement = "" if config.min_agreement is None else f" (min {100 * config.min_agreement:.2f}%)"
     tried = f" after keeping {len(excluded)} node(s) in fp32 ({', '.join(excluded)})" if excluded else ""
     return AccuracyGateError(
-        f"int8 ({config.artifact}) test accuracy {100 * result.accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
+        f"int8 ({config.artifact}) validation accuracy {100 * result.accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
         f"drop {drop:.2f} points exceeds --max-accuracy-drop {config.max_accuracy_drop:.2f}{tried}; "
         f"agreement with fp32 {100 * result.agreement:.2f}%{agreement}; {len(attempts)} candidate(s) tried, none written",
         fp32.accuracy, result.accuracy, drop, result.agreement, tuple(excluded))
@@ -503,14 +506,15 @@ class Fp16Result:
     def verification(self) -> dict:
         return {"parity": {"passed": True, "max_abs_diff": self.max_abs_diff, "relative_diff": self.relative_diff,
                            "tolerance": self.config.tolerance, "provider": self.config.provider},
-                "gate": {"passed": True, "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
+                "gate": {"passed": True, "split": "validation", "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
                          "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
                          "agreement": self.agreement}}
 
 
-def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndarray, y_test: np.ndarray,
+def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_val: np.ndarray, y_val: np.ndarray,
             fp32_runtime: dict | None = None) -> Fp16Result:
-    """fp16 weights and compute with onnxruntime's float16 converter; checked for parity and accuracy, written only on a pass.
+    """fp16 weights and compute with onnxruntime's float16 converter; checked for parity and accuracy on the
+    validation split (`x_val`, `y_val`), written only on a pass.
 
     The converter is `onnxruntime.transformers.float16` (the same code as onnxconverter-common's
     `float16.convert_float_to_float16`, shipped inside the onnxruntime wheel: no extra dependency).
@@ -528,15 +532,15 @@ def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndar
     except Exception as exc:
         raise Fp16Error(f"fp16 conversion of {fp32_path} failed ({type(exc).__name__}): {_first_line(exc)}") from None
     settings = dict(artifacts.DEFAULT_RUNTIME)
-    fp32, fp32_logits = score(fp32_path, fp32_runtime or {}, x_test, y_test, None, provider=config.provider)
+    fp32, fp32_logits = score(fp32_path, fp32_runtime or {}, x_val, y_val, None, provider=config.provider)
     with tempfile.TemporaryDirectory(prefix="pipeline-fp16-") as tmp:
         candidate = Path(tmp) / "model.fp16.onnx"
         onnx.save_model(half, str(candidate), save_as_external_data=False)
         session = runtime.create_session(candidate, settings, provider=config.provider)
         wants_half = session.get_inputs()[0].type == "tensor(float16)"
-        logits = runtime.run_batched(session, x_test.astype(np.float16) if wants_half else x_test).astype(np.float32)
+        logits = runtime.run_batched(session, x_val.astype(np.float16) if wants_half else x_val).astype(np.float32)
         predictions = logits.argmax(1)
-        accuracy = float(np.mean(predictions == y_test))
+        accuracy = float(np.mean(predictions == y_val))
         agreement = float(np.mean(predictions == fp32.predictions))
         max_abs = float(np.max(np.abs(logits - fp32_logits)))
         relative = max_abs / max(float(np.max(np.abs(fp32_logits))), 1e-12)
@@ -546,7 +550,7 @@ def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_test: np.ndar
             failures.append(f"max abs logit diff {max_abs:.3g} is {relative:.3g} of the largest fp32 logit "
                             f"(tolerance {config.tolerance:g})")
         if drop > config.max_accuracy_drop + 1e-9:
-            failures.append(f"test accuracy {100 * accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
+            failures.append(f"validation accuracy {100 * accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
                             f"drop {drop:.2f} points exceeds {config.max_accuracy_drop:.2f}")
         if failures:
             raise Fp16Error(f"fp16 model rejected, not written: {'; '.join(failures)}")

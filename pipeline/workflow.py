@@ -161,7 +161,7 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
     step("load checkpoint and data")
     model, payload = train.load_checkpoint(checkpoint)
     _check_checkpoint_matches_run(manifest, payload, checkpoint)
-    x_val, x_test, y_test = _preprocessed_splits(manifest, payload)
+    x_val, y_val, x_test, y_test = _preprocessed_splits(manifest, payload)
     input_shape = (model.config.in_channels, model.config.height, model.config.width)
     seconds = {}
 
@@ -197,6 +197,7 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
 
     step("test accuracy through ONNX Runtime")
     accuracy = _ort_vs_torch_accuracy(shipped, model, x_test, y_test)
+    accuracy["validation"] = _ort_vs_torch_accuracy(shipped, model, x_val, y_val)["ort"]
 
     checkpoint_sha = artifacts.sha256_file(checkpoint)
     export.strip_node_metadata(shipped)
@@ -273,13 +274,13 @@ def _check_checkpoint_matches_run(manifest: dict, payload: dict, checkpoint: Pat
 
 
 def _preprocessed_splits(manifest: dict, payload: dict):
-    """(validation inputs, test inputs, test labels), preprocessed as the manifest says; the data must be what the model saw."""
+    """(validation inputs and labels, test inputs and labels), preprocessed as the manifest says; the data must be what the model saw."""
     from pipeline import data
 
     splits = data.load_trained_on(DataConfig.from_dict(payload["data_config"]), payload.get("data_fingerprint"),
                                   "the checkpoint")
     preprocess = data.Preprocess.from_dict(manifest["preprocess"])
-    return preprocess.apply(splits.x_val), preprocess.apply(splits.x_test), splits.y_test
+    return preprocess.apply(splits.x_val), splits.y_val, preprocess.apply(splits.x_test), splits.y_test
 
 
 def _dropout_free_twin(model):
@@ -313,7 +314,8 @@ def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, fin
         "file": FP32_FILE, "kind": "fp32", "parent": None, "sha256": sha256, "bytes": size,
         "opset": opset(written), "ir_version": written.ir_version,
         "input": signature["inputs"][0], "output": signature["outputs"][0],
-        "test_accuracy": accuracy["ort"], "runtime": dict(artifacts.DEFAULT_RUNTIME),
+        "validation_accuracy": accuracy["validation"], "test_accuracy": accuracy["ort"], "chosen_on": "validation",
+        "runtime": dict(artifacts.DEFAULT_RUNTIME),
         "verification": {
             "passed": True, "tolerance": config.tolerance,
             "torch_test_accuracy": accuracy["torch"], "ort_test_accuracy": accuracy["ort"],
@@ -404,12 +406,13 @@ class QuantizeRun:
 
 def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
                  on_step: Callable[[str], None] | None = None) -> QuantizeRun:
-    """Build `model.<variant>.onnx` (int8) from the run's fp32 artifact, gated on test accuracy, and record it.
+    """Build `model.<variant>.onnx` (int8) from the run's fp32 artifact, gated on validation accuracy, and record it.
 
     fp32 file (sha256 checked against the manifest) -> calibration sample of the training split
-    -> `quantize.quantize_gated` (writes the file only when it passes) -> speed check against
-    fp32 on this host -> optional fp16 variant -> manifest records, the "variants" table and
-    `recommended` (int8 only when it is not slower than fp32 here). `config` is a
+    -> `quantize.quantize_gated` on the validation split (writes the file only when it passes)
+    -> optional fp16 variant, gated on the validation split -> speed check against fp32 on this
+    host -> test accuracy of each shipped file, measured once after every choice -> manifest
+    records, the "variants" table and `recommended` (int8 only when it is not slower than fp32 here). `config` is a
     `QuantizeConfig`, `fp16_config` an `Fp16Config` or None. `calibration` overrides the
     calibration images (preprocessed N x C x H x W float32), e.g. a user's representative set.
     Imports no torch.
@@ -435,7 +438,7 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     splits = data.load_trained_on(DataConfig.from_dict(manifest["dataset"]["config"]),
                                   manifest["dataset"].get("fingerprint"), str(run_dir))
     preprocess = data.Preprocess.from_dict(manifest["preprocess"])
-    x_train, x_test = preprocess.apply(splits.x_train), preprocess.apply(splits.x_test)
+    x_train, x_val, x_test = (preprocess.apply(x) for x in (splits.x_train, splits.x_val, splits.x_test))
     if calibration is None:
         calibration = quantize.sample_images(x_train, config.calibration_samples, config.seed)
         calibration_source = f"training split, {len(calibration)} of {len(x_train)} images, seed {config.seed}"
@@ -448,21 +451,21 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     target = run_dir / f"model.{variant}.onnx"
     step(f"quantize ({config.mode}{'' if config.mode == 'dynamic' else ' ' + config.format}, {config.method}) and gate")
     result = quantize.quantize_gated(fp32_path, target, config, calibration if config.mode == "static" else None,
-                                     probe, x_test, splits.y_test, fp32_runtime)
+                                     probe, x_val, splits.y_val, fp32_runtime)
     warnings: list[str] = []
     models = {"fp32": (fp32_path, fp32_runtime), variant: (target, result.runtime)}
 
     fp16_result = None
     if fp16_config is not None:
         step("fp16 variant")
-        fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_test, splits.y_test,
+        fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_val, splits.y_val,
                                        fp32_runtime)
         models["fp16"] = (fp16_result.path, fp16_result.runtime)
 
     speed = None
     if config.speed_check:
         step("speed check against fp32 on this host")
-        speed = quantize.speed_check(models, x_test, config)
+        speed = quantize.speed_check(models, x_val, config)  # timing only: no label is read
         for name in models:
             if name == "fp32":
                 continue
@@ -472,7 +475,13 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
                                 + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
                                 + f" (threads {config.threads or 'default'}); fp32 stays recommended")
 
-    record = _derived_record(result.path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime)
+    # Every choice is made: measure the test split once per shipped file. Nothing below feeds back.
+    step("test accuracy of the shipped files (once, after every choice)")
+    fp32_test = quantize.score(fp32_path, fp32_runtime, x_test, splits.y_test, None)[0]
+    tested = {name: quantize.score(path, settings, x_test, splits.y_test, fp32_test.predictions)[0]
+              for name, (path, settings) in models.items() if name != "fp32"}
+    record = _derived_record(result.path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime,
+                             tested[variant])
     record["quantization"] = {**quantize.config_record(config), "calibration_source": calibration_source,
                               "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded)}
     record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
@@ -480,7 +489,7 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     records = {variant: record}
     if fp16_result is not None:
         fp16_record = _derived_record(fp16_result.path, "fp16", "fp32", fp32, fp16_result.accuracy, fp16_result.agreement,
-                                      fp16_result.runtime)
+                                      fp16_result.runtime, tested["fp16"])
         fp16_record["target"] = "gpu (checked on " + fp16_result.config.provider + ")"
         fp16_record["fp16"] = to_dict(fp16_result.config)
         fp16_record["verification"] = fp16_result.verification()
@@ -503,8 +512,10 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
                        outcome["variants"], tuple(warnings))
 
 
-def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, accuracy: float, agreement: float,
-                    runtime_settings: dict) -> dict:
+def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, val_accuracy: float, val_agreement: float,
+                    runtime_settings: dict, test) -> dict:
+    """A derived artifact's record: validation numbers (they chose) apart from test numbers (`test`, a
+    `quantize.Score` measured once after every choice)."""
     from pipeline.onnxfile import io_signature, load_model, opset
 
     model = load_model(path)  # the checker and the one-file rule, on the bytes that ship
@@ -513,7 +524,9 @@ def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, acc
     return {"file": path.name, "kind": kind, "parent": parent, "sha256": artifacts.sha256_file(path), "bytes": size,
             "size_ratio": round(size / parent_record["bytes"], 4), "opset": opset(model), "ir_version": model.ir_version,
             "input": signature["inputs"][0], "output": signature["outputs"][0],
-            "test_accuracy": accuracy, "agreement": agreement, "runtime": dict(runtime_settings),
+            "validation_accuracy": val_accuracy, "agreement": val_agreement,
+            "test_accuracy": test.accuracy, "test_agreement": test.agreement, "chosen_on": "validation",
+            "runtime": dict(runtime_settings),
             "created": artifacts.now_iso()}
 
 
@@ -654,7 +667,7 @@ def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None =
         "input": signature["inputs"][0], "output": signature["outputs"][0],
         "outputs": [{**value, "meaning": mc.OUTPUT_MEANINGS[value["name"]]} for value in signature["outputs"]],
         "samples": config.samples,
-        "test_accuracy": accuracy["mc"],
+        "validation_accuracy": verification.record["gate"]["mc"], "test_accuracy": accuracy["mc"], "chosen_on": "validation",
         "runtime": dict(artifacts.DEFAULT_RUNTIME),
         "randomness": ("dropout masks come from RandomUniformLike ops: every run draws new masks. "
                        "Call onnxruntime.set_seed(s) before creating a session to make a process reproducible."),

@@ -219,11 +219,12 @@ def test_accuracy_gate_fails_against_a_better_deterministic_model(mc_run):
     """Negative control of the gate: a 'deterministic model' that is always right beats MC by > 0.5 points."""
     run, _ = mc_run
     reference = _reference(run)
-    oracle = np.eye(10)[reference.y]
-    perfect = mc.Reference(reference.raw, reference.x, reference.y, reference.labels, reference.preprocess,
-                           deterministic=lambda x: oracle if len(x) == len(oracle) else np.full((len(x), 10), 0.1),
+    oracle = np.eye(10)[reference.y_val]
+    perfect = mc.Reference(reference.raw, reference.x, reference.y, reference.x_val, reference.y_val, reference.labels,
+                           reference.preprocess,
+                           deterministic=lambda x: oracle if x is reference.x_val else np.full((len(x), 10), 0.1),
                            dropout_layers=reference.dropout_layers)
-    with pytest.raises(mc.MCVerificationError, match=r"MC accuracy .* below the deterministic 100.00%"):
+    with pytest.raises(mc.MCVerificationError, match=r"MC validation accuracy .* below the deterministic 100.00%"):
         mc.verify_mc(run / "model.mc.onnx", perfect, MCConfig(**{**SMALL, "max_accuracy_drop": 0.005}))
 
 

@@ -58,8 +58,11 @@ def show(result) -> None:
     sim = check["onnxsim"]
     table.add_row("onnxsim: random ops kept; max diff between two runs",
                   f"{', '.join(f'{op} x{n}' for op, n in sim['random_ops'].items())}; {sim['max_abs_diff_between_runs']:.3g}")
+    gate = check["gate"]
+    table.add_row("validation accuracy (the gate): MC mean / deterministic",
+                  f"{100 * gate['mc']:.2f}% / {100 * gate['deterministic']:.2f}% ({gate['difference_points']:+.2f} points)")
     accuracy = check["accuracy"]
-    table.add_row("test accuracy: MC mean / deterministic",
+    table.add_row("test accuracy (measured once): MC mean / deterministic",
                   f"{100 * accuracy['mc']:.2f}% / {100 * accuracy['deterministic']:.2f}% "
                   f"({accuracy['difference_points']:+.2f} points)")
     for step in check["convergence"]:
