@@ -17,12 +17,17 @@ Training happens in `<name>.partial/`, renamed to `<name>/` only when it complet
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as _dt
+import errno
 import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -41,6 +46,7 @@ PARTIAL_SUFFIX = ".partial"
 # Read-only: copy it (dict(...)) before recording or changing it.
 DEFAULT_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
 MANIFEST_SCHEMA = 1
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -186,13 +192,117 @@ def resume_run(run_dir: Path) -> Path:
 
 
 def finish_run(staging: Path, run_dir: Path) -> None:
-    """Swap the completed staging folder into place; the old run (if forced) goes only now."""
+    """Put the completed staging folder in place of `run_dir` in one step; the old run (if forced) goes only then.
+
+    There is no moment without a run folder: an existing one is exchanged with the staging folder
+    atomically (see `swap_folders`), so a reader sees the old run or the new one, never neither.
+    """
     run_dir = Path(run_dir)
     (staging / TRAIN_STATE).unlink(missing_ok=True)
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-        os.replace(run_dir, old)
-    os.replace(staging, run_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not run_dir.exists():
+        os.replace(staging, run_dir)
+        return
+    swap_folders(staging, run_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # it holds the old run now
+
+
+# --- all-or-nothing stages on a finished run folder ---------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem lacks it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # not Linux, or a libc older than glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_folders(new: Path, current: Path) -> None:
+    """Make `new` the folder at `current` in one atomic step; afterwards `new` holds the old contents.
+
+    Where the filesystem cannot exchange two names atomically it falls back to two renames, with
+    a moment (microseconds) in which `current` does not exist; that fallback is logged.
+    """
+    if _exchange(Path(new), Path(current)):
+        return
+    log.warning("%s: this filesystem cannot exchange folders atomically; replacing it in two renames", current)
+    parked = Path(current).with_name(f".{Path(current).name}.parked-{os.getpid()}")
+    os.replace(current, parked)
+    os.replace(new, current)
+    os.replace(parked, new)
+
+
+def _lock_path(run_dir: Path) -> Path:
+    # Beside the folder, not in it: the folder itself is swapped for a new one when a stage publishes.
+    return run_dir.with_name(f".{run_dir.name}.lock")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse (exit 4) a run folder this process cannot change, before any work is done."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir.parent):
+        # A real probe, not os.access: root passes os.access on a read-only filesystem.
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".pipeline-write-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise RunFolderError(f"{folder}: not writable ({exc.strerror}), so {run_dir} cannot be changed; "
+                                 "copy the run folder somewhere writable") from None
+
+
+@contextlib.contextmanager
+def run_writer(run_dir: Path) -> Iterator[None]:
+    """Hold the one-writer lock of a run folder; a second writer is refused at once with one line (exit 4)."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    with open(_lock_path(run_dir), "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunFolderError(f"{run_dir} is being changed by {holder}: wait for it to finish, then run this again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(os.path.basename(a) for a in sys.argv[:2])})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def staged_update(run_dir: Path) -> Iterator[Path]:
+    """Change a finished run folder all or nothing: yields a private copy to write into, then swaps it in.
+
+    Everything a stage writes (files and manifest) goes into the copy; only when the block ends
+    without an error does the copy replace the run folder, in one atomic exchange. An exception,
+    Ctrl-C or SIGKILL anywhere before that leaves the run folder exactly as it was (a killed
+    stage's copy is a hidden sibling, removed by the next stage on that folder). The one-writer
+    lock is held throughout, so two stages never interleave.
+    """
+    run_dir = Path(run_dir)
+    with run_writer(run_dir):
+        for stale in run_dir.parent.glob(f".{glob.escape(run_dir.name)}.stage-*"):  # left by a killed stage
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = run_dir.with_name(f".{run_dir.name}.stage-{os.getpid()}")
+        try:
+            shutil.copytree(run_dir, staging, symlinks=True)
+            yield staging
+            swap_folders(staging, run_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the failed copy, or the old run after the swap

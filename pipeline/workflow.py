@@ -139,6 +139,29 @@ class ExportRun:
 
 def export_run(run_dir: Path, config, checkpoint: Path | None = None,
                on_step: Callable[[str], None] | None = None) -> ExportRun:
+    """Export the run's checkpoint to `model.onnx` (see `_export`), all or nothing: the run folder changes only
+    when every check passed and every file and record is written (`artifacts.staged_update`)."""
+    run_dir = Path(run_dir)
+    artifacts.read_manifest(run_dir)  # a finished run, before anything is locked or copied
+    checkpoint = Path(checkpoint).absolute() if checkpoint is not None else None
+    with artifacts.staged_update(run_dir) as stage:
+        result = _export(stage, config, checkpoint, on_step, home=run_dir)
+    return _published(result, stage, run_dir)
+
+
+def _published(result, stage: Path, run_dir: Path):
+    """A stage's result with the paths it wrote in its staging copy pointed at the published run folder."""
+    import dataclasses
+
+    def moved(value):
+        if isinstance(value, Path) and value.is_relative_to(stage):
+            return run_dir / value.relative_to(stage)
+        return value
+
+    return dataclasses.replace(result, **{f.name: moved(getattr(result, f.name)) for f in dataclasses.fields(result)})
+
+
+def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[str], None] | None, home: Path) -> ExportRun:
     """Export the run's checkpoint to `model.onnx`, proving on the way that dropout is gone.
 
     raw export -> audit + parity on the raw graph (before any optimizer could hide an active
@@ -154,9 +177,7 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
     from pipeline.onnxfile import load_model, op_histogram
 
     step = on_step or (lambda name: None)
-    run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
-    _check_writable(run_dir)
     checkpoint = Path(checkpoint) if checkpoint is not None else run_dir / artifacts.CHECKPOINT
     step("load checkpoint and data")
     model, payload = train.load_checkpoint(checkpoint)
@@ -221,7 +242,7 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
                           checkpoint, checkpoint_sha, config)
     export_section = {
         "created": artifacts.now_iso(), "config": to_dict(config),
-        "checkpoint": _relative(checkpoint, run_dir), "checkpoint_sha256": checkpoint_sha,
+        "checkpoint": _relative(checkpoint, run_dir, home), "checkpoint_sha256": checkpoint_sha,
         "raw_export": "kept in memory only and never shipped; audited before simplification",
         "simplified": simplify_report is not None,
         "nodes": {"raw": len(raw.graph.node), "shipped": len(written.graph.node)},
@@ -234,8 +255,8 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
 
     def change(m: dict) -> None:
         dropped.extend(_derived_from(m.get("artifacts", {}), "fp32"))
-        for name in dropped:
-            m["artifacts"].pop(name, None)
+        for name in dropped:  # their files go with their records: they were made from the old model.onnx
+            (run_dir / m["artifacts"].pop(name)["file"]).unlink(missing_ok=True)
         m.setdefault("artifacts", {})["fp32"] = record
         m["export"] = export_section
         if m.get("recommended") not in m["artifacts"]:
@@ -245,18 +266,14 @@ def export_run(run_dir: Path, config, checkpoint: Path | None = None,
     return ExportRun(run_dir, target, record, export_section, tuple(dropped))
 
 
-def _check_writable(run_dir: Path) -> None:
-    import os
-
-    if not os.access(run_dir, os.W_OK):
-        raise artifacts.RunFolderError(f"{run_dir}: the run folder is not writable")
-
-
-def _relative(path: Path, run_dir: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
-    except ValueError:
-        return str(path)
+def _relative(path: Path, run_dir: Path, home: Path) -> str:
+    """`path` relative to the run folder (its staging copy `run_dir` or its real place `home`), else as given."""
+    for folder in (run_dir, home):
+        try:
+            return str(Path(path).resolve().relative_to(Path(folder).resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _check_checkpoint_matches_run(manifest: dict, payload: dict, checkpoint: Path) -> None:
@@ -406,6 +423,16 @@ class QuantizeRun:
 
 def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
                  on_step: Callable[[str], None] | None = None) -> QuantizeRun:
+    """int8 (and fp16) variants of the run's fp32 artifact (see `_quantize`), all or nothing: the files and
+    their records appear together, after the gates and the speed check, or not at all."""
+    run_dir = Path(run_dir)
+    artifacts.read_manifest(run_dir)
+    with artifacts.staged_update(run_dir) as stage:
+        result = _quantize(stage, config, fp16_config, calibration, on_step)
+    return _published(result, stage, run_dir)
+
+
+def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable[[str], None] | None) -> QuantizeRun:
     """Build `model.<variant>.onnx` (int8) from the run's fp32 artifact, gated on validation accuracy, and record it.
 
     fp32 file (sha256 checked against the manifest) -> calibration sample of the training split
@@ -422,9 +449,7 @@ def quantize_run(run_dir: Path, config, fp16_config=None, calibration=None,
     from pipeline import data, quantize
 
     step = on_step or (lambda name: None)
-    run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
-    _check_writable(run_dir)
     fp32 = manifest.get("artifacts", {}).get("fp32")
     if not fp32:
         raise artifacts.RunFolderError(f"{run_dir}: no fp32 artifact in the manifest: run `pipeline export {run_dir}` first")
@@ -605,6 +630,15 @@ class MCRun:
 
 
 def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None = None) -> MCRun:
+    """`model.mc.onnx` and its record (see `_mc_export`), all or nothing."""
+    run_dir = Path(run_dir)
+    artifacts.read_manifest(run_dir)
+    with artifacts.staged_update(run_dir) as stage:
+        result = _mc_export(stage, config, on_step)
+    return _published(result, stage, run_dir)
+
+
+def _mc_export(run_dir: Path, config, on_step: Callable[[str], None] | None) -> MCRun:
     """Export the run's checkpoint as `model.mc.onnx` (Monte Carlo dropout), verify and evaluate it.
 
     export (masks from random ops) -> verification (random ops survive every ORT level and onnxsim,
@@ -619,9 +653,7 @@ def mc_export_run(run_dir: Path, config, on_step: Callable[[str], None] | None =
     from pipeline.onnxfile import io_signature, load_model, opset
 
     step = on_step or (lambda name: None)
-    run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
-    _check_writable(run_dir)
     checkpoint = run_dir / manifest["training"]["checkpoint"]
     step("load checkpoint and data")
     reference = mc.load_reference(run_dir, manifest)
