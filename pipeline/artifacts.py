@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline import manifest as schema
 from pipeline.errors import RunFolderError
 
 MANIFEST = "manifest.json"
@@ -45,7 +46,7 @@ PARTIAL_SUFFIX = ".partial"
 # An artifact's `runtime` when it needs no session option of its own: ORT's defaults, spelled out.
 # Read-only: copy it (dict(...)) before recording or changing it.
 DEFAULT_RUNTIME = {"graph_optimization_level": "all", "disabled_optimizers": []}
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = schema.SCHEMA
 log = logging.getLogger(__name__)
 
 
@@ -122,7 +123,8 @@ def _manifest_lock(run_dir: Path) -> Iterator[None]:
 
 
 def read_manifest(run_dir: Path) -> dict:
-    """The manifest of a finished run; `RunFolderError` when the folder is not one."""
+    """The manifest of a finished run, checked against the schema (`pipeline.manifest`); `RunFolderError`
+    when the folder is not one, `ManifestError` (exit 4) naming the field that breaks the schema."""
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
@@ -135,12 +137,17 @@ def read_manifest(run_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{path}: unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
-        raise RunFolderError(f"{path}: not a pipeline manifest of schema {MANIFEST_SCHEMA}")
+    schema.validate(manifest, str(path))
     return manifest
 
 
+def load_manifest(run_dir: Path) -> schema.Manifest:
+    """The manifest of a finished run as typed records."""
+    return schema.Manifest.from_dict(read_manifest(run_dir))
+
+
 def write_manifest(run_dir: Path, manifest: dict) -> None:
+    schema.validate(manifest, "the manifest to write")  # a stage cannot write a field the schema does not know
     with _manifest_lock(run_dir):
         atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
@@ -151,6 +158,9 @@ def update_manifest(run_dir: Path, change: Callable[[dict], None]) -> dict:
         manifest = read_manifest(run_dir)
         change(manifest)
         manifest["updated"] = now_iso()
+        manifest["schema"] = MANIFEST_SCHEMA  # a schema-1 manifest is upgraded when a stage rewrites it
+        manifest.setdefault("split_rule", dict(schema.SPLIT_RULE))
+        schema.validate(manifest, "the changed manifest")
         atomic_write_json(Path(run_dir) / MANIFEST, manifest)
     return manifest
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import artifacts
+from pipeline import manifest as schema
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 
 
@@ -95,29 +96,29 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
     artifacts.atomic_write_json(staging / artifacts.METRICS, metrics)
     plot_learning_curves(history, staging / artifacts.CURVES,
                          f"{splits.source}: dropout {model_config.dropout}, test accuracy {100 * result.test_accuracy:.2f}%")
-    manifest = {
-        "schema": artifacts.MANIFEST_SCHEMA,
-        "pipeline_version": artifacts.versions()["pipeline"],
-        "created": artifacts.now_iso(),
-        "labels": list(splits.labels),
-        "preprocess": splits.preprocess.to_dict(),
-        "dataset": {"source": splits.source, "fingerprint": splits.fingerprint, "sizes": splits.sizes(),
-                    "config": to_dict(data_config)},
-        "model": {"config": to_dict(model_config), "parameters": count_parameters(DropoutCNN(model_config))},
-        "training": {"checkpoint": artifacts.CHECKPOINT,
-                     "checkpoint_sha256": artifacts.sha256_file(result.checkpoint),
-                     "config": to_dict(train_config), "test_accuracy": result.test_accuracy,
-                     "train_seconds": result.train_seconds, "seconds_per_epoch": result.seconds_per_epoch,
-                     "epochs_run": len(history), "best_epoch": result.best_epoch, "device": result.device,
-                     "world_size": result.world_size},
-        "artifacts": {},
-        "runtime": {},
-        "versions": artifacts.versions(),
-    }
+    manifest = _new_manifest(
+        splits.labels, splits.preprocess, _dataset_record(splits, data_config),
+        schema.Model(to_dict(model_config), count_parameters(DropoutCNN(model_config))),
+        schema.Training(checkpoint=artifacts.CHECKPOINT, checkpoint_sha256=artifacts.sha256_file(result.checkpoint),
+                        config=to_dict(train_config), validation_accuracy=next(h["val_accuracy"] for h in history if h["epoch"] == result.best_epoch),
+                        test_accuracy=result.test_accuracy, train_seconds=result.train_seconds,
+                        seconds_per_epoch=result.seconds_per_epoch, epochs_run=len(history), best_epoch=result.best_epoch,
+                        device=result.device, world_size=result.world_size))
     # The manifest is written last: its presence is what marks a finished run.
     artifacts.write_manifest(staging, manifest)
     artifacts.finish_run(staging, out)
     return TrainRun(Path(out), metrics, manifest)
+
+
+def _dataset_record(splits, data_config: DataConfig) -> schema.Dataset:
+    return schema.Dataset(splits.source, splits.fingerprint, splits.sizes(), to_dict(data_config))
+
+
+def _new_manifest(labels, preprocess, dataset: schema.Dataset, model: schema.Model, training: schema.Training) -> dict:
+    """The first manifest of a run folder: one definition for a trained run and an adopted checkpoint."""
+    return schema.Manifest.new(labels=labels, preprocess=preprocess.to_dict(), dataset=dataset, model=model,
+                               training=training, pipeline_version=artifacts.versions()["pipeline"],
+                               created=artifacts.now_iso(), versions=artifacts.versions()).to_dict()
 
 
 # --- export: checkpoint -> the shipped fp32 model.onnx, with its proof --------------------
@@ -327,13 +328,13 @@ def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, fin
     from pipeline.onnxfile import io_signature, opset
 
     signature = io_signature(written)
-    return {
-        "file": FP32_FILE, "kind": "fp32", "parent": None, "sha256": sha256, "bytes": size,
-        "opset": opset(written), "ir_version": written.ir_version,
-        "input": signature["inputs"][0], "output": signature["outputs"][0],
-        "validation_accuracy": accuracy["validation"], "test_accuracy": accuracy["ort"], "chosen_on": "validation",
-        "runtime": dict(artifacts.DEFAULT_RUNTIME),
-        "verification": {
+    return schema.Artifact(
+        file=FP32_FILE, kind="fp32", parent=None, sha256=sha256, bytes=size,
+        opset=opset(written), ir_version=written.ir_version,
+        input=signature["inputs"][0], output=signature["outputs"][0],
+        validation_accuracy=accuracy["validation"], test_accuracy=accuracy["ort"], chosen_on="validation",
+        runtime=dict(artifacts.DEFAULT_RUNTIME),
+        verification={
             "passed": True, "tolerance": config.tolerance,
             "torch_test_accuracy": accuracy["torch"], "ort_test_accuracy": accuracy["ort"],
             "differing_predictions": accuracy["differing_predictions"], "test_images": accuracy["test_images"],
@@ -342,7 +343,7 @@ def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, fin
             "simplify": simplify_report.to_dict() if simplify_report else {"skipped": True},
             "source_checkpoint_sha256": checkpoint_sha,
         },
-    }
+    ).to_dict()
 
 
 def _derived_from(records: dict, root: str) -> list[str]:
@@ -373,27 +374,18 @@ def adopt_checkpoint(checkpoint: Path, out: Path, force: bool = False) -> Path:
     data_config = DataConfig.from_dict(payload["data_config"])
     splits = data.load_trained_on(data_config, payload.get("data_fingerprint"), str(checkpoint))
     preprocess = data.Preprocess.from_dict(payload["preprocess"])
-    test_accuracy = float((train.predictions(model, preprocess.apply(splits.x_test)) == splits.y_test).mean())
+    val_accuracy, test_accuracy = (float((train.predictions(model, preprocess.apply(x)) == y).mean())
+                                   for x, y in ((splits.x_val, splits.y_val), (splits.x_test, splits.y_test)))
     staging = artifacts.start_run(out, force)
     try:
         shutil.copyfile(checkpoint, staging / artifacts.CHECKPOINT)
-        manifest = {
-            "schema": artifacts.MANIFEST_SCHEMA,
-            "pipeline_version": artifacts.versions()["pipeline"],
-            "created": artifacts.now_iso(),
-            "labels": list(payload["labels"]),
-            "preprocess": preprocess.to_dict(),
-            "dataset": {"source": splits.source, "fingerprint": splits.fingerprint, "sizes": splits.sizes(),
-                        "config": to_dict(data_config)},
-            "model": {"config": payload["model_config"], "parameters": count_parameters(model)},
-            "training": {"checkpoint": artifacts.CHECKPOINT,
-                         "checkpoint_sha256": artifacts.sha256_file(staging / artifacts.CHECKPOINT),
-                         "adopted_from": str(checkpoint), "config": payload.get("train_config"),
-                         "test_accuracy": test_accuracy, "best_epoch": payload.get("epoch")},
-            "artifacts": {},
-            "runtime": {},
-            "versions": artifacts.versions(),
-        }
+        manifest = _new_manifest(
+            payload["labels"], preprocess, _dataset_record(splits, data_config),
+            schema.Model(payload["model_config"], count_parameters(model)),
+            schema.Training(checkpoint=artifacts.CHECKPOINT,
+                            checkpoint_sha256=artifacts.sha256_file(staging / artifacts.CHECKPOINT),
+                            adopted_from=str(checkpoint), config=payload.get("train_config"),
+                            validation_accuracy=val_accuracy, test_accuracy=test_accuracy, best_epoch=payload.get("epoch")))
         artifacts.write_manifest(staging, manifest)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -546,13 +538,13 @@ def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, val
     model = load_model(path)  # the checker and the one-file rule, on the bytes that ship
     signature = io_signature(model)
     size = path.stat().st_size
-    return {"file": path.name, "kind": kind, "parent": parent, "sha256": artifacts.sha256_file(path), "bytes": size,
-            "size_ratio": round(size / parent_record["bytes"], 4), "opset": opset(model), "ir_version": model.ir_version,
-            "input": signature["inputs"][0], "output": signature["outputs"][0],
-            "validation_accuracy": val_accuracy, "agreement": val_agreement,
-            "test_accuracy": test.accuracy, "test_agreement": test.agreement, "chosen_on": "validation",
-            "runtime": dict(runtime_settings),
-            "created": artifacts.now_iso()}
+    return schema.Artifact(
+        file=path.name, kind=kind, parent=parent, sha256=artifacts.sha256_file(path), bytes=size,
+        size_ratio=round(size / parent_record["bytes"], 4), opset=opset(model), ir_version=model.ir_version,
+        input=signature["inputs"][0], output=signature["outputs"][0],
+        validation_accuracy=val_accuracy, agreement=val_agreement,
+        test_accuracy=test.accuracy, test_agreement=test.agreement, chosen_on="validation",
+        runtime=dict(runtime_settings), created=artifacts.now_iso()).to_dict()
 
 
 def _latency_for(speed: dict | None, name: str) -> dict:
@@ -693,26 +685,26 @@ def _mc_export(run_dir: Path, config, on_step: Callable[[str], None] | None) -> 
                                      f"during the MC export (before {fp32_before}, after {fp32_after})")
     mc_audit = verify.audit_graph(written)
     signature = io_signature(written)
-    record = {
-        "file": mc.MC_FILE, "kind": "mc", "parent": None, "sha256": sha256, "bytes": size,
-        "opset": opset(written), "ir_version": written.ir_version,
-        "input": signature["inputs"][0], "output": signature["outputs"][0],
-        "outputs": [{**value, "meaning": mc.OUTPUT_MEANINGS[value["name"]]} for value in signature["outputs"]],
-        "samples": config.samples,
-        "validation_accuracy": verification.record["gate"]["mc"], "test_accuracy": accuracy["mc"], "chosen_on": "validation",
-        "runtime": dict(artifacts.DEFAULT_RUNTIME),
-        "randomness": ("dropout masks come from RandomUniformLike ops: every run draws new masks. "
-                       "Call onnxruntime.set_seed(s) before creating a session to make a process reproducible."),
-        "verification": {"passed": True, **verification.record,
-                         "fp32_untouched": fp32_after or {"exported": False},
-                         "deterministic_audit_on_mc": {"passed": mc_audit.passed, "findings": len(mc_audit.findings),
-                                                       "note": "expected to fail: this model is random on purpose"},
-                         "source_checkpoint_sha256": checkpoint_sha},
-        "evaluation": {**evaluation.record, "plot": mc.PLOT_FILE},
-        "config": to_dict(config),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "created": artifacts.now_iso(),
-    }
+    record = schema.Artifact(
+        file=mc.MC_FILE, kind="mc", parent=None, sha256=sha256, bytes=size,
+        opset=opset(written), ir_version=written.ir_version,
+        input=signature["inputs"][0], output=signature["outputs"][0],
+        outputs=[{**value, "meaning": mc.OUTPUT_MEANINGS[value["name"]]} for value in signature["outputs"]],
+        samples=config.samples,
+        validation_accuracy=verification.record["gate"]["mc"], test_accuracy=accuracy["mc"], chosen_on="validation",
+        runtime=dict(artifacts.DEFAULT_RUNTIME),
+        randomness=("dropout masks come from RandomUniformLike ops: every run draws new masks. "
+                    "Call onnxruntime.set_seed(s) before creating a session to make a process reproducible."),
+        verification={"passed": True, **verification.record,
+                      "fp32_untouched": fp32_after or {"exported": False},
+                      "deterministic_audit_on_mc": {"passed": mc_audit.passed, "findings": len(mc_audit.findings),
+                                                    "note": "expected to fail: this model is random on purpose"},
+                      "source_checkpoint_sha256": checkpoint_sha},
+        evaluation={**evaluation.record, "plot": mc.PLOT_FILE},
+        config=to_dict(config),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        created=artifacts.now_iso(),
+    ).to_dict()
     artifacts.update_manifest(run_dir, lambda m: m.setdefault("artifacts", {}).__setitem__("mc", record))
     return MCRun(run_dir, target, plot, record)
 

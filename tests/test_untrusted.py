@@ -110,7 +110,8 @@ def test_fuzzed_manifests_give_a_typed_error_or_a_dict(tmp_path, content):
 
 def _append_records(run_dir: str, worker: int, count: int) -> None:
     def add(key: str, value: int):
-        return lambda manifest: manifest["artifacts"].__setitem__(key, {"n": value})
+        record = {"file": f"{key}.onnx", "kind": "fp32", "parent": None, "sha256": f"{value:064x}"}
+        return lambda manifest: manifest["artifacts"].__setitem__(key, record)
 
     for i in range(count):
         artifacts.update_manifest(run_dir, add(f"w{worker}-{i}", i))
@@ -130,3 +131,23 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path):
     manifest = artifacts.read_manifest(run)
     assert len(manifest["artifacts"]) == 75  # every update of every writer survived
     assert not list(run.glob(".*.tmp"))  # and no temporary file was left behind
+
+
+def test_the_schema_guards_what_a_stage_writes(tmp_path):
+    """A stage cannot write a record the schema does not know: the manifest on disk stays as it was."""
+    from pipeline.manifest import ManifestError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    artifacts.write_manifest(run, {"schema": artifacts.MANIFEST_SCHEMA, "artifacts": {}})
+    before = (run / "manifest.json").read_bytes()
+    for bad in ({"file": "m.onnx", "kind": "fp32", "parent": None, "sha256": "0" * 64, "tset_accuracy": 0.9},
+                {"file": "m.onnx", "kind": "fp32", "parent": None, "sha256": "0" * 64, "bytes": "12"},
+                {"kind": "fp32", "parent": None, "sha256": "0" * 64}):
+        with pytest.raises(ManifestError):
+            artifacts.update_manifest(run, lambda m, bad=bad: m["artifacts"].__setitem__("x", bad))
+        assert (run / "manifest.json").read_bytes() == before
+    # Negative control: a record that follows the schema is written.
+    good = {"file": "m.onnx", "kind": "fp32", "parent": None, "sha256": "0" * 64, "bytes": 12}
+    artifacts.update_manifest(run, lambda m: m["artifacts"].__setitem__("x", good))
+    assert artifacts.load_manifest(run).artifacts["x"].bytes == 12
