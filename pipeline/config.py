@@ -314,10 +314,20 @@ class PackConfig:
     """The .tar.gz to write (atomically)."""
     variants: tuple[str, ...] = ()
     """Artifacts to ship; empty ships the manifest's `recommended` (else fp32)."""
+    golden: int = 32
+    """Test images in the bundle's golden set (PNG + tensors + every variant's answers); 0 ships none."""
+    golden_seed: int = 0
+    """Seed of the golden set's choice among the test images."""
+    ort_format: bool = False
+    """Also ship .ort files (ONNX Runtime's mobile format) and required_operators.config."""
+    sign_key: Path | None = None
+    """Ed25519 private key (PEM): sign SHA256SUMS into SIGNATURE (needs the `cryptography` package)."""
 
     def __post_init__(self) -> None:
         _require(str(self.out).endswith((".tar.gz", ".tgz")), f"bundle name must end in .tar.gz or .tgz, got {self.out}")
         _require(len(set(self.variants)) == len(self.variants), f"variant listed twice: {list(self.variants)}")
+        _require(0 <= self.golden <= 1000, f"golden images must be in 0..1000, got {self.golden}")
+        _require(not self.ort_format or self.golden > 0, "--ort-format checks each .ort on the golden set: golden must be > 0")
 
 
 OPSET_RANGE = (17, 23)

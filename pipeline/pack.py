@@ -1,15 +1,21 @@
-"""The device bundle: a `.tar.gz` holding what a device needs to run the model, and nothing else.
+"""The device bundle: a `.tar.gz` holding what a device needs to run and test the model, and nothing else.
 
     digits/
-      manifest.json       trimmed to the shipped variants: labels, preprocess, artifacts, runtime
+      manifest.json       trimmed to the shipped variants: labels, preprocess, artifacts (+ compat,
+                          ort_format, mobile_usability), golden, requires, files (name -> sha256)
       model.onnx          each shipped variant, under its manifest file name
+      model.ort           with --ort-format: ONNX Runtime's mobile format of each, and
+      required_operators.config   the operators a reduced-size ONNX Runtime build needs
+      golden/             test images (NNN.png), their model inputs (inputs.npy), each variant's logits
       labels.txt          one label per line, in class-index order
-      device_runner.py    the standalone runner (onnxruntime, numpy, Pillow)
+      device_runner.py    the standalone runner (onnxruntime, numpy, Pillow), timing harness inlined
       README.md           what to install and how to run it on the device
-      SHA256SUMS          `sha256sum -c SHA256SUMS` checks the bundle on the device
+      SHA256SUMS          every file above; `sha256sum -c SHA256SUMS` works on the device
+      SIGNATURE           with --sign: Ed25519 over SHA256SUMS
 
 The archive is deterministic (sorted members, fixed mtimes, owner 0, gzip header without
-name or time): the same run and variants give the same bytes. Every model's sha256 is checked
+name or time): the same run and options give the same bytes (except with --ort-format: ORT's
+converter is not byte-deterministic, see `pipeline.mobile`). Every model's sha256 is checked
 against the manifest before it is packed, and the archive is written atomically.
 `extract` is the matching safe unpacker: it refuses absolute names, `..`, links that leave the
 target and special files, before anything is written.
@@ -35,7 +41,14 @@ from pipeline.predict import choose_variant, read_verified
 
 # The runner lives in the package so a wheel install can pack it; tools/device_runner.py links to it.
 RUNNER = Path(__file__).resolve().parent / "device_runner.py"
+TIMING = Path(__file__).resolve().parent / "timing.py"
 RUNNER_NAME = "device_runner.py"
+SUMS_NAME = "SHA256SUMS"
+SIGNATURE_NAME = "SIGNATURE"
+# The marked block of device_runner.py that `bundled_runner` replaces with timing.py's source.
+HARNESS_BEGIN = "# --- timing harness: begin"
+HARNESS_END = "# --- timing harness: end ---"
+RAW_QUOTES = "'" * 3
 FIXED_MTIME = 946684800  # 2000-01-01: fixed so that packing twice gives the same bytes
 # Top-level manifest keys a device needs; the rest (checkpoint, training config) stays home.
 KEPT_KEYS = ("schema", "pipeline_version", "created", "labels", "preprocess", "model", "runtime", "versions")
@@ -72,6 +85,30 @@ def bundle_name(out: Path) -> str:
     return name
 
 
+def bundled_runner() -> bytes:
+    """device_runner.py with its marked `from pipeline import timing` replaced by timing.py's source, verbatim.
+
+    The source goes in as a raw string that the runner runs into a module of its own, so the bundled
+    harness is byte-identical to pipeline/timing.py (a test compares them) and the runner stays one file.
+    """
+    runner, harness = RUNNER.read_text(), TIMING.read_text()
+    begin, end = runner.find(HARNESS_BEGIN), runner.find(HARNESS_END)
+    if begin < 0 or end < begin:
+        raise RunFolderError(f"{RUNNER}: the marked timing-harness block is missing")
+    if RAW_QUOTES in harness or harness.endswith("\\"):
+        raise RunFolderError(f"{TIMING}: cannot be carried in a raw string (it holds {RAW_QUOTES} or ends in a backslash)")
+    block = (f"{HARNESS_BEGIN} (pipeline/timing.py, inlined verbatim by `pipeline pack`) ---\n"
+             f"_TIMING_SOURCE = r{RAW_QUOTES}{harness}{RAW_QUOTES}\n"
+             "timing = _load_timing(_TIMING_SOURCE)\n")
+    return (runner[:begin] + block + runner[end:]).encode()
+
+
+def bundled_harness(runner: str) -> str:
+    """The timing source carried by a bundled runner (what the byte-identity test compares)."""
+    start = runner.index(f"_TIMING_SOURCE = r{RAW_QUOTES}") + len(f"_TIMING_SOURCE = r{RAW_QUOTES}")
+    return runner[start:runner.index(f"{RAW_QUOTES}\ntiming = _load_timing", start)]
+
+
 def bundle_manifest(manifest: dict, variants: tuple[str, ...], run_name: str) -> dict:
     """The run's manifest trimmed to what is shipped; `recommended` always names a shipped variant."""
     trimmed = {key: manifest[key] for key in KEPT_KEYS if key in manifest}
@@ -79,6 +116,9 @@ def bundle_manifest(manifest: dict, variants: tuple[str, ...], run_name: str) ->
     trimmed["artifacts"] = {name: manifest["artifacts"][name] for name in variants}
     recommended = manifest.get("recommended")
     trimmed["recommended"] = recommended if recommended in variants else variants[0]
+    deployments = [d for d in manifest.get("deployments") or [] if isinstance(d, dict) and d.get("artifact") in variants]
+    if deployments:  # the build host's recommendation per batch size (issue 16), for the shipped variants only
+        trimmed["deployments"] = deployments
     trimmed["bundle"] = {"run": run_name, "variants": list(variants),
                          "training_test_accuracy": (manifest.get("training") or {}).get("test_accuracy")}
     return trimmed
@@ -125,8 +165,9 @@ def _member(name: str, size: int, mode: int = 0o644, kind: bytes = tarfile.REGTY
     return info
 
 
-def pack(run_dir: Path, config: PackConfig) -> PackResult:
+def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
     """Write the bundle of `run_dir` with the configured variants; returns what it holds."""
+    step = on_step or (lambda _: None)
     run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
     variants = config.variants or (choose_variant(manifest, None),)
@@ -137,33 +178,141 @@ def pack(run_dir: Path, config: PackConfig) -> PackResult:
     top = bundle_name(config.out)
     shipped = bundle_manifest(manifest, tuple(variants), run_dir.name)
     files: dict[str, bytes] = {}
+    models: dict[str, bytes] = {}
     for variant in variants:
         record = manifest["artifacts"][variant]
         data, _ = read_verified(run_dir / record["file"], record["sha256"])
         name = PurePosixPath(record["file"]).name
         if name in files:
             raise RunFolderError(f"variants {', '.join(variants)} share the file name {name!r}")
-        files[name] = data
-        shipped["artifacts"][variant] = {**record, "file": name}
-    files["manifest.json"] = (json.dumps(shipped, indent=2) + "\n").encode()
+        files[name] = models[variant] = data
+        shipped["artifacts"][variant] = {**record, "file": name, "compat": _compat(data)}
+    if config.golden:
+        step("golden set")
+        files.update(_golden(run_dir, manifest, shipped, models, config))
+    if config.ort_format:
+        step("ORT format")
+        files.update(_ort_format(shipped, models, files, config))
+    _requires(shipped)
+    files[RUNNER_NAME] = bundled_runner()
     files["labels.txt"] = "".join(f"{label}\n" for label in manifest["labels"]).encode()
-    files[RUNNER_NAME] = RUNNER.read_bytes()
+    shipped["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+    files["manifest.json"] = (json.dumps(shipped, indent=2) + "\n").encode()
     files["README.md"] = device_readme(shipped, top).encode()
-    files["SHA256SUMS"] = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n"
-                                  for name, data in sorted(files.items())).encode()
+    files[SUMS_NAME] = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n"
+                               for name, data in sorted(files.items())).encode()
+    if config.sign_key is not None:
+        from pipeline.signing import sign
 
+        files[SIGNATURE_NAME] = sign(files[SUMS_NAME], config.sign_key)
+
+    step("archive")
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(out) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            tar.addfile(_member(top, 0, 0o755, tarfile.DIRTYPE))
+            folders = sorted({str(PurePosixPath(top, name).parent) for name in files} | {top})
+            for folder in folders:
+                tar.addfile(_member(folder, 0, 0o755, tarfile.DIRTYPE))
             for name in sorted(files):
                 mode = 0o755 if name == RUNNER_NAME else 0o644
                 tar.addfile(_member(f"{top}/{name}", len(files[name]), mode), io.BytesIO(files[name]))
     data = out.read_bytes()
     members = {f"{top}/{name}": len(files[name]) for name in sorted(files)}
     return PackResult(out, tuple(variants), members, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _compat(model: bytes) -> dict:
+    import onnx
+
+    from pipeline.compat import requirements
+
+    return requirements(onnx.load_from_string(model))
+
+
+def _requires(shipped: dict) -> None:
+    """The bundle's `requires.onnxruntime`: the strictest artifact's; beyond the table, the packing host's release."""
+    import onnxruntime as ort
+
+    from pipeline.compat import strictest
+
+    records = [record["compat"] for record in shipped["artifacts"].values()]
+    needed = strictest(records)
+    if needed is None:
+        # The table ends before this file's opset or IR version; the golden set just ran it on this
+        # host's onnxruntime, which is therefore the oldest release known to run it.
+        needed = ort.__version__
+        basis = (f"beyond the documented table ({'; '.join(r['basis'] for r in records if r['onnxruntime_min'] is None)}): "
+                 f"the oldest release known to run it is the packing host's {needed}")
+        for record in records:
+            if record["onnxruntime_min"] is None:
+                record["onnxruntime_min"] = needed
+    else:
+        basis = "; ".join(f"{name}: {record['compat']['basis']}" for name, record in shipped["artifacts"].items())
+    shipped["requires"] = {"onnxruntime": needed, "basis": basis, "table": records[0]["table"] if records else None}
+
+
+def _sessions(shipped: dict, models: dict) -> dict:
+    from pipeline.runtime import create_session
+
+    return {variant: create_session(data, {**(shipped.get("runtime") or {}),
+                                           **(shipped["artifacts"][variant].get("runtime") or {})})
+            for variant, data in models.items()}
+
+
+def _golden(run_dir: Path, manifest: dict, shipped: dict, models: dict, config: PackConfig) -> dict:
+    """The golden files; their record goes into `shipped["golden"]`."""
+    from pipeline import golden
+
+    splits = golden.load_test_split(manifest, str(run_dir))
+    built = golden.build(manifest, splits, config.golden, config.golden_seed)
+    for variant, session in _sessions(shipped, models).items():
+        record = shipped["artifacts"][variant]
+        outputs = session.run(None, {session.get_inputs()[0].name: built.inputs})[0]
+        tolerance = (record.get("verification") or {}).get("tolerance")
+        golden.add_outputs(built, variant, record.get("kind", variant), outputs, manifest["labels"], tolerance)
+    shipped["golden"] = built.record
+    return built.files
+
+
+def _ort_format(shipped: dict, models: dict, files: dict, config: PackConfig) -> dict:
+    """`.ort` files checked against their `.onnx` on the golden inputs, required_operators.config, usability reports."""
+    import numpy as np
+
+    from pipeline import mobile
+    from pipeline.golden import INPUTS
+
+    inputs = np.load(io.BytesIO(files[INPUTS]), allow_pickle=False)
+    sessions = _sessions(shipped, models)
+    out: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        written = []
+        for variant, data in models.items():
+            record = shipped["artifacts"][variant]
+            name = PurePosixPath(record["file"]).stem + ".ort"
+            path = mobile.convert(data, record.get("runtime") or {}, Path(tmp) / name)
+            ort_bytes = path.read_bytes()
+            diff = mobile.max_abs_diff(ort_bytes, sessions[variant], inputs)
+            if diff > mobile.ORT_TOLERANCE:
+                raise mobile.OrtFormatError(f"{name}: max abs diff {diff:.3g} from {record['file']} on the golden set "
+                                            f"(tolerance {mobile.ORT_TOLERANCE:g})")
+            out[name] = ort_bytes
+            written.append(path)
+            record["ort_format"] = {"file": name, "sha256": hashlib.sha256(ort_bytes).hexdigest(), "bytes": len(ort_bytes),
+                                    "max_abs_diff_vs_onnx": diff, "tolerance": mobile.ORT_TOLERANCE,
+                                    "disabled_optimizers": sorted(set((record.get("runtime") or {}).get("disabled_optimizers") or [])
+                                                                  | set(mobile.PORTABLE_DISABLED))}
+            record["mobile_usability"] = mobile.mobile_usability(data)
+        out[mobile.CONFIG_NAME] = mobile.required_operators(written, Path(tmp) / mobile.CONFIG_NAME).encode()
+    shipped["ort_format"] = {"required_operators": mobile.CONFIG_NAME, "onnxruntime": _ort_version()}
+    return out
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
 
 
 # --- safe extraction ------------------------------------------------------------------------
