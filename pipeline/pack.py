@@ -253,12 +253,19 @@ def _requires(shipped: dict) -> None:
     shipped["requires"] = {"onnxruntime": needed, "basis": basis, "table": records[0]["table"] if records else None}
 
 
-def _sessions(shipped: dict, models: dict) -> dict:
+def _sessions(shipped: dict, models: dict, portable: bool = False) -> dict:
+    """A session per variant with its recorded runtime; `portable` also drops the x86-only NCHWc layout,
+    as the .ort conversion does, so an .ort file is compared with its .onnx under the same optimizers."""
+    from pipeline.mobile import PORTABLE_DISABLED
     from pipeline.runtime import create_session
 
-    return {variant: create_session(data, {**(shipped.get("runtime") or {}),
-                                           **(shipped["artifacts"][variant].get("runtime") or {})})
-            for variant, data in models.items()}
+    sessions = {}
+    for variant, data in models.items():
+        runtime = {**(shipped.get("runtime") or {}), **(shipped["artifacts"][variant].get("runtime") or {})}
+        if portable:
+            runtime["disabled_optimizers"] = sorted(set(runtime.get("disabled_optimizers") or []) | set(PORTABLE_DISABLED))
+        sessions[variant] = create_session(data, runtime)
+    return sessions
 
 
 def _golden(run_dir: Path, manifest: dict, shipped: dict, models: dict, config: PackConfig) -> dict:
@@ -284,7 +291,7 @@ def _ort_format(shipped: dict, models: dict, files: dict, config: PackConfig) ->
     from pipeline.golden import INPUTS
 
     inputs = np.load(io.BytesIO(files[INPUTS]), allow_pickle=False)
-    sessions = _sessions(shipped, models)
+    sessions = _sessions(shipped, models, portable=True)
     out: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         written = []
