@@ -444,9 +444,11 @@ def time_candidates(folder: str, manifest: dict, models: dict, batch_sizes, plan
                 base = {"artifact": variant, "kind": record.get("kind", variant), "engine": "onnxruntime",
                         "provider": provider, "provider_name": PROVIDERS[provider], "batch": batch, "threads": threads,
                         "threads_source": "option" if threads_option else "auto (batch 1: one thread; else all usable cores)"}
+                runtime = record.get("runtime") or {}
                 try:
-                    session = create_session(read_file(folder, record["file"]), record.get("runtime") or {}, threads,
-                                             provider)
+                    started = time.perf_counter()
+                    session = create_session(read_file(folder, record["file"]), runtime, threads, provider)
+                    create_ms = 1e3 * (time.perf_counter() - started)
                 except Exception as exc:  # onnxruntime raises its own types; a provider may not take the model
                     records.append({**base, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
                     continue
@@ -458,8 +460,10 @@ def time_candidates(folder: str, manifest: dict, models: dict, batch_sizes, plan
                 started = time.perf_counter()
                 run()
                 first = 1e3 * (time.perf_counter() - started)
-                slots.append((base, timing.Slot(run=run, info={"session_providers": session.get_providers(),
-                                                                "first_run_ms": first})))
+                info = {"session_providers": session.get_providers(), "session_create_ms": create_ms, "first_run_ms": first,
+                        "optimization_level": runtime.get("graph_optimization_level", "all"),
+                        "disabled_optimizers": list(runtime.get("disabled_optimizers") or []), "io_binding": False}
+                slots.append((base, timing.Slot(run=run, info=info)))
         if not slots:
             continue
         timing.time_interleaved([slot for _, slot in slots], plan)

@@ -19,13 +19,15 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON on stdout.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Exit with code 9 when the dropout audit fails.")] = False,
 ) -> None:
-    """Inputs, outputs, opset, IR version, size, op histogram and the dropout audit of an ONNX file.
+    """Inputs, outputs, opset, IR version, size, op histogram, the dropout audit and the oldest onnxruntime that runs it.
 
     The audit is the graph part of `export`'s: no Dropout that could run in training mode, no random
     op, no BatchNormalization in training mode. A file inside a run folder is also matched against
-    the manifest's record (sha256).
+    the manifest's record (sha256); inside an unpacked device bundle packed with --ort-format, its
+    .ort file and ONNX Runtime's NNAPI / CoreML usability report are shown too.
     """
     from pipeline.artifacts import sha256_file
+    from pipeline.compat import requirements
     from pipeline.onnxfile import io_signature, load_model, op_histogram, opset
     from pipeline.verify import audit_graph
 
@@ -40,6 +42,7 @@ def inspect(
         "nodes": len(proto.graph.node), "op_histogram": op_histogram(proto),
         "metadata": {p.key: p.value for p in proto.metadata_props if not p.key.startswith("onnxsim.")},
         "dropout_audit": audit.to_dict(),
+        "runtime_compatibility": requirements(proto),
         "manifest": _manifest_match(model),
     }
     if as_json:
@@ -64,8 +67,12 @@ def _manifest_match(model: Path) -> dict | None:
     records = manifest.get("artifacts", {}) if isinstance(manifest, dict) else {}
     for variant, record in records.items() if isinstance(records, dict) else ():
         if isinstance(record, dict) and record.get("file") == model.name:
-            return {"variant": variant, "sha256_matches": record.get("sha256") == sha256_file(model),
-                    "test_accuracy": record.get("test_accuracy")}
+            match = {"variant": variant, "sha256_matches": record.get("sha256") == sha256_file(model),
+                     "test_accuracy": record.get("test_accuracy")}
+            # Recorded by `pipeline pack --ort-format` in a bundle's manifest: shown, not recomputed
+            # (inspect imports no onnxruntime).
+            match.update({key: record[key] for key in ("ort_format", "mobile_usability") if key in record})
+            return match
     return None
 
 
@@ -90,6 +97,21 @@ def _show(facts: dict) -> None:
         match = facts["manifest"]
         sha = "matches" if match["sha256_matches"] else "[red]DIFFERS[/]"
         table.add_row("manifest", f"variant {match['variant']}, sha256 {sha}")
+    compat = facts["runtime_compatibility"]
+    table.add_row("runs on", f"onnxruntime >= {compat['onnxruntime_min'] or '(newer than the table)'}: {compat['basis']}; "
+                             f"its ops need opset >= {compat['ops_need_opset']}")
+    match = facts["manifest"] or {}
+    if "ort_format" in match:
+        ort_record = match["ort_format"]
+        table.add_row("ORT format", f"{ort_record['file']} ({ort_record['bytes']:,} bytes), max abs diff vs .onnx "
+                                    f"{ort_record['max_abs_diff_vs_onnx']:.2g}")
+    for ep, entry in (match.get("mobile_usability") or {}).get("execution_providers", {}).items():
+        fixed = entry.get("if_input_shapes_fixed")
+        table.add_row(f"mobile: {ep}", f"{entry['suitability']}: {entry['partitions']} partitions, "
+                                       f"{entry['supported_nodes']}/{entry['nodes']} nodes"
+                      + (f", unsupported {', '.join(entry['unsupported_ops'])}" if entry["unsupported_ops"] else "")
+                      + (f"; with fixed input shapes {fixed['suitability']} ({fixed['supported_nodes']}/{fixed['nodes']} "
+                         f"nodes, {fixed['partitions']} partitions)" if fixed else ""))
     audit = facts["dropout_audit"]
     if audit["passed"]:
         inert = f" ({len(audit['inert_dropouts'])} inert Dropout nodes)" if audit["inert_dropouts"] else ""
