@@ -43,8 +43,10 @@ def test_inspect_our_model_reports_facts_and_a_passing_audit(exported_run):
     assert sum(facts["op_histogram"].values()) == facts["nodes"]
     assert facts["manifest"] == {"variant": "fp32", "sha256_matches": True, "test_accuracy": record["test_accuracy"]}
     assert "source_checkpoint_sha256" in facts["metadata"]
+    assert facts["runtime_compatibility"]["onnxruntime_min"] == "1.18"  # IR 10 (opset 18 alone: 1.14)
     table = runner.invoke(app, ["inspect", str(path)])
     assert table.exit_code == 0 and "pass" in table.output and "Conv" in table.output
+    assert "onnxruntime >= 1.18" in table.output
 
 
 def test_inspect_a_foreign_model_names_its_active_dropout(tmp_path):
@@ -55,6 +57,8 @@ def test_inspect_a_foreign_model_names_its_active_dropout(tmp_path):
     assert facts["dropout_audit"]["passed"] is False
     assert facts["dropout_audit"]["findings"] == ["foreign_dropout (Dropout): training_mode is true: active dropout"]
     assert facts["opset"] == 17 and facts["producer"] == "someone-else" and facts["manifest"] is None
+    compat = facts["runtime_compatibility"]
+    assert compat["opset_imports"] == {"ai.onnx": 17} and compat["ops"] == {"Dropout": 13, "MatMul": 13}
     assert runner.invoke(app, ["inspect", str(active), "--check"]).exit_code == 9
     # control: the same graph with training_mode false passes, and --check exits 0
     facts = json.loads(runner.invoke(app, ["inspect", str(inert), "--json"]).stdout)

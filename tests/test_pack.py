@@ -75,7 +75,7 @@ def test_shim_makes_torch_unimportable(no_torch_env, tmp_path):
 
 def test_bundle_classifies_pngs_without_torch(exported, no_torch_env, tmp_path):
     bundle = unpack(exported, tmp_path)
-    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "SHA256SUMS", "device_runner.py", "labels.txt",
+    assert sorted(p.name for p in bundle.iterdir()) == ["README.md", "SHA256SUMS", "device_runner.py", "golden", "labels.txt",
                                                          "manifest.json", "model.onnx"]
     raw, truth = digits_test_split(exported)
     expected = reference_labels(exported, raw)
@@ -167,11 +167,12 @@ def test_pack_is_deterministic_and_trimmed(exported, tmp_path):
     first = pack(exported, PackConfig(out=tmp_path / "a" / "digits.tar.gz"))
     second = pack(exported, PackConfig(out=tmp_path / "b" / "digits.tar.gz"))
     assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.path.read_bytes()[4:8] == b"\0\0\0\0"  # gzip header mtime 0
     assert first.sha256 == hashlib.sha256(first.path.read_bytes()).hexdigest()
     with tarfile.open(first.path) as tar:
         members = tar.getmembers()
         names = [m.name for m in members]
-        assert names == ["digits"] + sorted(n for n in names if n != "digits")
+        assert names == ["digits", "digits/golden"] + sorted(n for n in names if n not in ("digits", "digits/golden"))
         assert {m.mtime for m in members} == {members[0].mtime} and {m.uid for m in members} == {0}
         shipped = json.load(tar.extractfile("digits/manifest.json"))
         sums = tar.extractfile("digits/SHA256SUMS").read().decode().splitlines()
