@@ -93,6 +93,24 @@ def _quiet_exporter():
             log.debug("torch.onnx.export said: %s", buffer.getvalue().strip())
 
 
+def lowest_ir_version(proto: onnx.ModelProto) -> int:
+    """The oldest IR version that carries the model's opsets and tensor types (never above its own).
+
+    The onnx library stamps every model with its own IR version (10 since onnx 1.16), and ONNX
+    Runtime refuses a newer IR version than it knows (IR 10 needs >= 1.18) whatever the opset:
+    without lowering it, `--opset 17` could not reach an older runtime. Only the domains a node
+    uses count; tensor types newer than bfloat16 (float8: IR 9, int4: IR 10) keep the newer IR.
+    """
+    used = {node.domain for node in proto.graph.node} | {""}
+    imports = [o for o in proto.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)]
+    wanted = onnx.helper.find_min_ir_version_for(imports, ignore_unknown=True)
+    values = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
+    types = {t.data_type for t in proto.graph.initializer} | {v.type.tensor_type.elem_type for v in values}
+    if any(t > onnx.TensorProto.BFLOAT16 for t in types):
+        wanted = max(wanted, proto.ir_version)
+    return min(proto.ir_version, wanted)
+
+
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     """Set model-level `metadata_props` (replacing keys already present)."""
     keep = [p for p in proto.metadata_props if p.key not in metadata]

@@ -208,6 +208,7 @@ def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[s
         shipped, simplify_report = simplify.simplify_model(raw, config.simplify_checks)
         twin_shipped, _ = simplify.simplify_model(twin_raw, config.simplify_checks)
     seconds["simplify"] = time.perf_counter() - started
+    shipped.ir_version = export.lowest_ir_version(shipped)  # the opset, not the onnx library, decides the runtime
 
     started = time.perf_counter()
     step("verify the model to ship")

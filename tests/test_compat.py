@@ -57,3 +57,14 @@ def test_beyond_the_table_has_no_release_and_says_why():
 def test_version_tuple_reads_dev_and_local_versions():
     assert version_tuple("1.19.0.dev20240101") == (1, 19, 0) and version_tuple("1.17.3+cu118") == (1, 17, 3)
     assert version_tuple("1.9") < version_tuple("1.10")  # numeric, not string order
+
+
+def test_export_stamps_the_lowest_ir_version_its_opsets_and_types_allow():
+    from pipeline.export import lowest_ir_version
+
+    assert lowest_ir_version(tiny(18, 10)) == 8 and lowest_ir_version(tiny(17, 10)) == 8
+    assert lowest_ir_version(tiny(18, 10, extra_imports=[("ai.onnx.ml", 5)])) == 8  # imported, unused
+    assert lowest_ir_version(tiny(13, 7)) == 7  # never raised
+    float8 = tiny(18, 10)
+    float8.graph.initializer.append(helper.make_tensor("f8", TensorProto.FLOAT8E4M3FN, [1], [1.0]))
+    assert lowest_ir_version(float8) == 10  # a type IR 8 cannot carry keeps the newer IR

@@ -368,7 +368,7 @@ def test_int8_and_ort_format_bundle_passes_its_selftest(quantized, tmp_path, dev
         record = manifest["artifacts"][variant]
         assert record["ort_format"]["max_abs_diff_vs_onnx"] <= 1e-6 and (bundle / record["ort_format"]["file"]).is_file()
         assert set(record["mobile_usability"]["execution_providers"]) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
-        assert record["compat"]["onnxruntime_min"] == "1.18"  # IR 10; opset 18 alone would allow 1.14
+        assert record["compat"]["onnxruntime_min"] == "1.14"  # opset 18 at IR 8 (the export lowers onnx's IR 10)
     config = (bundle / "required_operators.config").read_text()
     assert "ai.onnx;" in config and "/tmp" not in config
     result = runner(bundle, device_python, "--selftest", *FAST)
