@@ -585,10 +585,10 @@ def selftest(folder: str, args) -> int:
 
 def _bench_command(manifest: dict, models: dict, args, plan, choices) -> list:
     """The `pipeline bench` command lines that time the same candidates the same way on the build host."""
-    run = (manifest.get("bundle") or {}).get("run", "RUN")
-    return [f"pipeline bench --run models/{run} --variants {','.join(models)} --batch-sizes {c['batch']} "
-            f"--threads {c['threads']} --warmup {plan.warmup} --duration {plan.duration:.3g} --rounds {plan.rounds}"
-            for c in choices]
+    run = (manifest.get("bundle") or {}).get("run", "RUN")  # the run folder's name on the build host
+    return [f"pipeline bench --run {run} --variants {','.join(models)} --batch-sizes {c['batch']} "
+            f"--threads {c['threads']} --warmup {plan.warmup} --duration {plan.duration:.3g} --rounds {plan.rounds} "
+            "--no-baseline" for c in choices]
 
 
 def summary_lines(report: dict) -> list:
