@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import onnx
 
+# The device runner must carry its own copy of the version comparison (it imports nothing from
+# `pipeline` once bundled): this module uses that one rather than a second.
+from pipeline.device_runner import version_tuple
+
 # ONNX Runtime release -> (ai.onnx opset, ai.onnx.ml opset, IR version) it implements.
 # Source: ONNX Runtime's compatibility table, docs/reference/compatibility.md
 # (https://onnxruntime.ai/docs/reference/compatibility.html, "ONNX opset support"), read 2026-12-02;
@@ -32,21 +36,6 @@ TABLE_SOURCE = "https://onnxruntime.ai/docs/reference/compatibility.html"
 # Domains whose versions the table tracks; contrib domains (com.microsoft) have been at version 1
 # in every release the table lists, so they add no constraint.
 _TABLE_COLUMNS = {"ai.onnx": 1, "ai.onnx.ml": 2}
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    """'1.18.0' -> (1, 18, 0); '1.19.0.dev20240101' / '1.17.3+cu118' -> the leading numbers only."""
-    parts = []
-    for piece in str(text).replace("+", ".").replace("-", ".").split("."):
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
 
 
 def _domain(name: str) -> str:

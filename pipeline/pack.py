@@ -136,15 +136,19 @@ def device_readme(manifest: dict, top: str) -> str:
     std = ", ".join(f"{s:.4f}" for s in p["std"])
     return f"""# {top}: model bundle for a device
 
-Needs Python 3.8+ with `onnxruntime`, `numpy` and `Pillow` (no PyTorch):
+Needs Python 3.8+ with `onnxruntime` >= {(manifest.get('requires') or {}).get('onnxruntime', '?')}, `numpy` and `Pillow` (no PyTorch):
 
     pip install onnxruntime numpy pillow
-    sha256sum -c SHA256SUMS            # optional: check the files arrived intact
-    python device_runner.py IMAGE...   # prints "<label> <probability> <file>" per image
+    python device_runner.py --selftest     # check every file, run the golden set, time, choose
+    python device_runner.py IMAGE...       # "<label><TAB><probability><TAB><file>" per image
+    python device_runner.py --json IMAGE...
+    python device_runner.py --selftest --verify-key key.pub.pem   # signed bundles (needs cryptography)
 
-The runner checks the model's sha256 against `manifest.json` before loading it (a changed file
-is refused, exit 3) and applies the ONNX Runtime settings recorded for it.
-It runs `{manifest['recommended']}` unless `--variant` names another shipped one.
+`--selftest` checks every file's sha256 (SHA256SUMS, the manifest's `files`), the installed
+onnxruntime, and every variant's answers on the {(manifest.get('golden') or {}).get('count', 0)} golden images,
+then times the variants here and writes `device_report.json`; later runs use its choice per batch
+size. Without it the runner runs `{manifest['recommended']}` unless `--variant` names another one.
+A changed file or a too-old onnxruntime is refused (exit 3); a failed check exits 4.
 
 | variant | file | bytes | test accuracy | ONNX Runtime settings |
 | --- | --- | --- | --- | --- |
