@@ -199,6 +199,13 @@ def test_pack_cli_and_refusals(exported, tmp_path):
     result = CliRunner().invoke(app, ["pack", str(exported), "--out", str(tmp_path / "x.zip")])
     assert result.exit_code == 2 and ".tar.gz" in result.output
 
+    for args, fragment in ((["--sign", str(tmp_path / "no-such-key.pem")], "no-such-key.pem"),
+                           (["--ort-format", "--golden", "0"], "golden")):
+        result = CliRunner().invoke(app, ["pack", str(exported), "--out", str(out), *args])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], result.output
+        assert out.read_bytes() == before
+
     tampered = tmp_path / "run"
     shutil.copytree(exported, tampered)
     with open(tampered / "model.onnx", "ab") as handle:

@@ -302,6 +302,7 @@ def with_crypto(*args: str) -> list[str]:
     return [sys.executable, "device_runner.py", *args]  # the project's env has cryptography; the device venv may not
 
 
+@pytest.mark.slow  # eight refused bundles, each a fresh interpreter (about 7 s on 2 loaded cores)
 def test_signed_bundle_verifies_and_any_changed_byte_is_refused(exported_run_master, tmp_path, keys):
     private, public = keys
     bundle = signed_bundle(exported_run_master, tmp_path, private)
@@ -378,6 +379,15 @@ def test_int8_and_ort_format_bundle_passes_its_selftest(quantized, tmp_path, dev
     assert len(ort_checks) == 2 and all(c["value"] <= 1e-6 for c in ort_checks)
     assert {c["artifact"] for c in report["choice"]} <= {"fp32", "int8"}
     assert {r["artifact"] for r in report["timings"]} == {"fp32", "int8"}
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    facts = json.loads(CliRunner().invoke(app, ["inspect", str(bundle / "model.int8.onnx"), "--json"]).stdout)
+    assert facts["manifest"]["ort_format"]["file"] == "model.int8.ort"
+    assert facts["manifest"]["mobile_usability"]["execution_providers"]["NNAPI"]["suitability"] in ("YES", "MAYBE", "NO")
+    shown = CliRunner().invoke(app, ["inspect", str(bundle / "model.int8.onnx")]).output
+    assert "mobile: NNAPI" in shown and "ORT format" in shown
     # A flipped byte in an .ort file is refused like any other file.
     flip_byte(bundle / "model.int8.ort")
     assert "model.int8.ort" in one_line(runner(bundle, device_python, "--selftest", *FAST))
