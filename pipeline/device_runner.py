@@ -561,11 +561,23 @@ def selftest(folder: str, args) -> int:
         except Exception as exc:  # onnxruntime's own error types (the bytes were hash-checked above)
             _check(checks, "loads", variant, False, detail=f"variant {variant}: onnxruntime cannot load "
                                                           f"{record['file']}: {' '.join(str(exc).split())[:200]}")
-    passed = golden_checks(folder, manifest, models, checks) if models else set()
-    plan = timing.TimingPlan(warmup=5, warmup_seconds=0.2, duration=args.budget / max(1, len(args.batch_sizes)) /
-                             max(1, len(passed) * len(available_providers())), rounds=args.rounds, time_limit=args.budget)
-    timed = {v: s for v, s in models.items() if v in passed}
-    records, choices = time_candidates(folder, manifest, timed, args.batch_sizes, plan, args.threads) if timed else ([], [])
+    try:
+        passed = golden_checks(folder, manifest, models, checks) if models else set()
+        plan = timing.TimingPlan(warmup=5, warmup_seconds=0.2, duration=args.budget / max(1, len(args.batch_sizes)) /
+                                 max(1, len(passed) * len(available_providers())), rounds=args.rounds,
+                                 time_limit=args.budget)
+        timed = {v: s for v, s in models.items() if v in passed}
+        records, choices = time_candidates(folder, manifest, timed, args.batch_sizes, plan, args.threads) if timed else ([], [])
+    except Refused as exc:
+        report.update(checks=checks, seconds=time.perf_counter() - started, failure=str(exc))
+        write_json(out, report)
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except Exception as exc:  # a model onnxruntime cannot run on the golden inputs, a malformed golden record
+        report.update(checks=checks, seconds=time.perf_counter() - started, failure=f"{type(exc).__name__}: {exc}")
+        write_json(out, report)
+        print(f"selftest failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        return EXIT_CHECK
     failed = [c for c in checks if not c["passed"]]
     report.update(passed=not failed, checks=checks, plan={k: getattr(plan, k) for k in
                                                           ("warmup", "warmup_seconds", "runs", "duration", "rounds",
@@ -650,7 +662,11 @@ def classify_files(folder: str, args) -> int:
     inference_ms = 0.0
     if tensors:
         started = time.perf_counter()
-        probs = probabilities(session, run_model(session, np.stack(tensors)))
+        try:
+            probs = probabilities(session, run_model(session, np.stack(tensors)))
+        except Exception as exc:  # onnxruntime's own error types: a model that does not take these inputs
+            print(f"error: {plan['artifact']} could not run: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+            return EXIT_CHECK
         inference_ms = 1e3 * (time.perf_counter() - started)
         rows = iter(probs)
         for result in results:

@@ -221,6 +221,15 @@ def test_a_model_at_a_higher_opset_than_the_device_runtime_is_refused(exported_r
     assert one_line(result) == f"refused: this bundle needs onnxruntime >= {onnxruntime.__version__}, found 1.20.0"
 
 
+def test_a_bundle_without_a_golden_set_still_checks_and_times(exported_run_master, tmp_path, device_python):
+    pack(exported_run_master, PackConfig(out=tmp_path / "digits.tar.gz", golden=0))
+    bundle = extract(tmp_path / "digits.tar.gz", tmp_path / "device") / "digits"
+    assert not (bundle / "golden").exists()
+    result = runner(bundle, device_python, "--selftest", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "no golden set in this bundle" in result.stdout and "choice at batch 1" in result.stdout
+
+
 # --- classification for scripts ------------------------------------------------------------------
 
 
@@ -266,6 +275,12 @@ def test_later_runs_follow_the_selftest_choice_then_the_deployments(bundle, devi
     doc = json.loads(result.stdout)
     assert doc["chosen_by"].startswith("manifest deployments") and doc["engine"] == "onnxruntime"
     assert one_line(result).startswith("note: the recommended deployment at batch 1 uses engine 'openvino'")
+    edit_manifest(bundle, lambda m: m["deployments"][0].update(engine="onnxruntime", provider="tensorrt"))
+    result = runner(bundle, device_python, "--json", png)
+    assert json.loads(result.stdout)["provider"] == "cpu" and "provider 'tensorrt'" in one_line(result)
+    edit_manifest(bundle, lambda m: m["deployments"][0].update(provider="cpu"))
+    result = runner(bundle, device_python, "--json", png)
+    assert json.loads(result.stdout)["provider"] == "cpu" and result.stderr == ""  # followed as recommended
 
 
 def test_within_noise_verdict_from_paired_round_ratios(bundle):
