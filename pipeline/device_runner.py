@@ -481,7 +481,8 @@ def time_candidates(folder: str, manifest: dict, models: dict, batch_sizes, plan
         choice = {"batch": batch, "artifact": best["artifact"], "engine": "onnxruntime", "provider": best["provider"],
                   "threads": threads, "p50_ms": best["latency_ms"]["p50"],
                   "ratio_to_fp32": timing.ratio_of_medians(best_slot, fp32) if fp32 is not None else None,
-                  "host": platform.node(), "measured": "device_runner.py --selftest", "created": created,
+                  "host": {"name": platform.node(), "machine": platform.machine()},
+                  "measured": "device_runner.py --selftest", "created": created,
                   "candidates": len(timed), "verdict": "only candidate", "runner_up": None}
         if len(timed) > 1:
             second, second_slot = timed[1]
