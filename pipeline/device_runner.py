@@ -36,6 +36,7 @@ Exit codes: 0 ok; 2 bad usage, or no image could be read (any, with --strict);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -517,12 +518,18 @@ def host_facts() -> dict:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Atomically: a temporary file beside the target, renamed over it."""
+    """Atomically: a temporary file beside the target, renamed over it. A read-only bundle folder is
+    one line on stderr (use --report elsewhere), not a traceback; the verdict still sets the exit code."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        print(f"warning: cannot write {path} ({exc.strerror}): give --report PATH", file=sys.stderr)
 
 
 def selftest(folder: str, args) -> int:
