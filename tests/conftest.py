@@ -14,6 +14,8 @@ MNIST_TEST = REPO.parent / "shared" / "data" / "mnist-test"
 # A small but real config: digits, narrow widths, few epochs. Enough to be well above chance.
 TINY_MODEL = {"conv_channels": (8, 16), "fc_units": (32,), "dropout": 0.5}
 TINY_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 0, "seed": 0}
+# A short speed check is still a real one (its ratios are recorded, never asserted).
+QUICK_QUANTIZE = {"speed_seconds": 0.02, "speed_rounds": 1, "speed_batch": 32}
 
 
 def train_tiny_run(out: Path, **model_overrides):
@@ -58,3 +60,15 @@ def exported_run(exported_run_master, tmp_path) -> Path:
     copy = tmp_path / "exported"
     shutil.copytree(exported_run_master, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def quantized_run_master(exported_run_master, tmp_path_factory) -> Path:
+    """The exported tiny run, quantized once with the default recipe (+ fp16). Do not modify it."""
+    from pipeline.config import Fp16Config, QuantizeConfig
+    from pipeline.workflow import quantize_run
+
+    out = tmp_path_factory.mktemp("quantized") / "digits"
+    shutil.copytree(exported_run_master, out)
+    quantize_run(out, QuantizeConfig(**QUICK_QUANTIZE), Fp16Config())
+    return out

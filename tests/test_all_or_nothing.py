@@ -18,9 +18,9 @@ import pytest
 from pipeline import artifacts
 from pipeline.config import ExportConfig, Fp16Config, MCConfig, QuantizeConfig
 from pipeline.errors import RunFolderError
+from tests.conftest import QUICK_QUANTIZE
 
 REPO = Path(__file__).resolve().parent.parent
-QUICK_QUANTIZE = {"speed_seconds": 0.02, "speed_rounds": 1, "speed_batch": 32}
 QUICK_MC = {"samples": 8, "convergence_repeats": 4, "ood_samples": 120, "max_accuracy_drop": 0.5}  # as tests/test_mc.py
 
 
@@ -53,15 +53,10 @@ def steps_of(stage: str, run: Path) -> list[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def quantized_master(exported_run_master, tmp_path_factory) -> Path:
+@pytest.fixture
+def quantized_master(quantized_run_master) -> Path:
     """An exported and quantized run: re-export and re-quantize then replace existing files and records."""
-    from pipeline.workflow import quantize_run
-
-    out = tmp_path_factory.mktemp("aon") / "digits"
-    shutil.copytree(exported_run_master, out)
-    quantize_run(out, QuantizeConfig(**QUICK_QUANTIZE), Fp16Config())
-    return out
+    return quantized_run_master
 
 
 @pytest.mark.slow
@@ -106,9 +101,8 @@ def test_a_failure_while_publishing_changes_nothing(quantized_master, tmp_path, 
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
     from pipeline import artifacts
-    from test_all_or_nothing import stage_call
+    from tests.test_all_or_nothing import stage_call
     stage, run, when = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     real_swap = artifacts.swap_folders
 
@@ -128,7 +122,7 @@ KILLER = textwrap.dedent("""
 
 
 def kill_stage(stage: str, run: Path, when: str) -> int:
-    script = KILLER.format(tests=str(REPO / "tests"))
+    script = KILLER
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", script, stage, str(run), when], env=env, capture_output=True,
                           text=True, timeout=600)

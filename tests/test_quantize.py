@@ -15,10 +15,10 @@ import pytest
 
 from pipeline import artifacts
 from pipeline.config import DataConfig, Fp16Config, QuantizeConfig
+from tests.conftest import QUICK_QUANTIZE
 
 REPO = Path(__file__).resolve().parent.parent
-# Small and quick: a short speed check is still a real one (the ratios are recorded, never asserted).
-QUICK = {"speed_seconds": 0.02, "speed_rounds": 1, "speed_batch": 32}
+QUICK = QUICK_QUANTIZE
 
 
 def sha(path: Path) -> str:
@@ -36,15 +36,9 @@ def ops(path: Path) -> list[str]:
     return [node.op_type for node in onnx.load(str(path)).graph.node]
 
 
-@pytest.fixture(scope="module")
-def quantized_master(exported_run_master, tmp_path_factory) -> Path:
-    """The exported tiny run, quantized once with the default recipe (+ fp16). Do not modify it."""
-    from pipeline.workflow import quantize_run
-
-    out = tmp_path_factory.mktemp("quantized") / "digits"
-    shutil.copytree(exported_run_master, out)
-    quantize_run(out, QuantizeConfig(**QUICK), Fp16Config())
-    return out
+@pytest.fixture
+def quantized_master(quantized_run_master) -> Path:
+    return quantized_run_master
 
 
 # --- structure ------------------------------------------------------------------------------
