@@ -77,6 +77,6 @@ class TorchTarget:
 
 def run_baseline(run_dir: Path) -> TorchTarget | None:
     """The baseline of a run folder, or None when it has no checkpoint."""
-    manifest = artifacts.read_manifest(run_dir)
-    checkpoint = Path(run_dir) / manifest.get("training", {}).get("checkpoint", artifacts.CHECKPOINT)
+    training = artifacts.load_manifest(run_dir).training
+    checkpoint = Path(run_dir) / (training.checkpoint if training else artifacts.CHECKPOINT)
     return TorchTarget(checkpoint) if checkpoint.is_file() else None

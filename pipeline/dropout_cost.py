@@ -22,6 +22,7 @@ import numpy as np
 from pipeline import artifacts, bench
 from pipeline.config import BenchConfig
 from pipeline.errors import PipelineError
+from pipeline.manifest import Manifest
 from pipeline.onnxfile import load_model, op_histogram
 
 DROPOUT_FIELDS = ("dropout", "spatial_dropout")
@@ -37,33 +38,32 @@ class ComparisonError(PipelineError):
     exit_code = 15
 
 
-def _rates(manifest: dict) -> dict:
-    config = manifest["model"]["config"]
-    return {k: config.get(k, 0.0) for k in DROPOUT_FIELDS}
+def _rates(manifest: Manifest) -> dict:
+    return {k: manifest.model.config.get(k, 0.0) for k in DROPOUT_FIELDS}
 
 
-def _check_same_architecture(run_a: Path, a: dict, run_b: Path, b: dict) -> None:
-    ca = {k: v for k, v in a["model"]["config"].items() if k not in DROPOUT_FIELDS}
-    cb = {k: v for k, v in b["model"]["config"].items() if k not in DROPOUT_FIELDS}
+def _check_same_architecture(run_a: Path, a: Manifest, run_b: Path, b: Manifest) -> None:
+    ca = {k: v for k, v in a.model.config.items() if k not in DROPOUT_FIELDS}
+    cb = {k: v for k, v in b.model.config.items() if k not in DROPOUT_FIELDS}
     if ca != cb:
         diff = {k: (ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
         raise ComparisonError(f"{run_a} and {run_b} are different architectures apart from dropout: {diff}")
 
 
-def _training(run_dir: Path, manifest: dict) -> dict:
+def _training(run_dir: Path, manifest: Manifest) -> dict:
     path = Path(run_dir) / artifacts.METRICS
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ComparisonError(f"{path}: unreadable training metrics ({exc})") from None
     epochs = [h["seconds"] for h in metrics.get("history", [])]
-    config = manifest.get("training", {}).get("config", {})
+    config = (manifest.training.config if manifest.training else None) or {}
     return {"seconds_per_epoch": metrics.get("seconds_per_epoch"),
             # The median epoch leaves out the first epoch's one-off costs and any stall.
             "median_epoch_seconds": float(np.median(epochs)) if epochs else None,
             "epochs": len(epochs), "device": metrics.get("device"),
             "batch_size": config.get("batch_size"), "threads": config.get("threads"),
-            "train_images": manifest.get("dataset", {}).get("sizes", {}).get("train")}
+            "train_images": manifest.dataset.sizes.get("train") if manifest.dataset else None}
 
 
 def _latency_verdicts(records: list[dict], name_a: str, name_b: str) -> list[dict]:
@@ -91,13 +91,13 @@ def _latency_verdicts(records: list[dict], name_a: str, name_b: str) -> list[dic
 def compare(run_with: Path, run_without: Path, config: BenchConfig, variant: str = "fp32") -> dict:
     """Answer the dropout compute question for two runs; the result goes into bench.json as `dropout`."""
     run_with, run_without = Path(run_with), Path(run_without)
-    ma, mb = artifacts.read_manifest(run_with), artifacts.read_manifest(run_without)
+    ma, mb = artifacts.load_manifest(run_with), artifacts.load_manifest(run_without)
     _check_same_architecture(run_with, ma, run_without, mb)
     rates_a, rates_b = _rates(ma), _rates(mb)
     if rates_a == rates_b:
         raise ComparisonError(f"{run_with} and {run_without} have the same dropout rates {rates_a}: nothing to compare")
     for run_dir, manifest in ((run_with, ma), (run_without, mb)):
-        if variant not in (manifest.get("artifacts") or {}):
+        if variant not in manifest.artifacts:
             raise ComparisonError(f"{run_dir} has no {variant} artifact: run `pipeline export --run {run_dir}` first")
     (ta,), (tb,) = bench.run_targets(run_with, [variant]), bench.run_targets(run_without, [variant])
     name_a, name_b = f"{variant} (dropout {rates_a['dropout']:g})", f"{variant} (dropout {rates_b['dropout']:g})"

@@ -130,21 +130,21 @@ def summarize(run_dir: Path, seconds: dict | None = None) -> dict:
     """What manifest.json and bench.json of `run_dir` say: per-variant accuracy, size, latency; audit; recommendation."""
     from pipeline import artifacts, bench
 
-    manifest = artifacts.read_manifest(run_dir)
+    manifest = artifacts.load_manifest(run_dir)
     bench_doc = json.loads((Path(run_dir) / bench.BENCH_JSON).read_text())
     latencies = _latencies(bench_doc["records"])
     variants = {}
-    for name, record in manifest["artifacts"].items():
-        variants[name] = {"file": record["file"], "bytes": record["bytes"], "test_accuracy": record.get("test_accuracy"),
-                          "p50_ms": latencies.get(name, {})}
+    for name, record in manifest.artifacts.items():
+        variants[name] = {"file": record.file, "bytes": record.bytes, "validation_accuracy": record.validation_accuracy,
+                          "test_accuracy": record.test_accuracy, "p50_ms": latencies.get(name, {})}
     dropout = bench_doc.get("dropout")
     return {
         "run_dir": str(run_dir),
         "variants": variants,
-        "torch_eager": {"test_accuracy": manifest["training"]["test_accuracy"], "p50_ms": latencies.get("torch", {})},
-        "dropout_audit": audit_verdict(manifest["artifacts"]["fp32"]["verification"]),
-        "recommended": manifest.get("recommended"),
-        "recommended_reason": manifest.get("recommended_reason"),
+        "torch_eager": {"test_accuracy": manifest.training.test_accuracy, "p50_ms": latencies.get("torch", {})},
+        "dropout_audit": audit_verdict(manifest.artifacts["fp32"].verification),
+        "recommended": manifest.recommended,
+        "recommended_reason": manifest.recommended_reason,
         "dropout_compute": None if dropout is None else {"answer": dropout["answer"],
                                                          "op_histograms_identical": dropout["op_histograms_identical"],
                                                          "run_without": dropout["run_without"]},
