@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from onnxruntime.quantization import (
 from pipeline import artifacts, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
+from pipeline.timing import TimingPlan, ratio_of_medians, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -442,44 +442,35 @@ def structure_report(model: onnx.ModelProto, prepared: onnx.ModelProto, excluded
 
 
 def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: QuantizeConfig) -> dict:
-    """Median latency of each model at batch 1 and `config.speed_batch`, interleaved in rounds.
+    """p50 latency of each model at batch 1 and `config.speed_batch`, through the one timing harness.
 
-    `models` maps a name ("fp32" first) to (path, runtime settings). Returns
-    {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ...}, "batch_<N>": {...}, ...}.
+    `models` maps a name ("fp32" first) to (path, runtime settings). Every batch size is one
+    `time_interleaved` call over all the models (rounds interleaved, order reversed on odd rounds).
+    Returns {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ...}, "batch_<N>": {...}, ...}.
     """
     sessions = {name: runtime.create_session(Path(path), settings, threads=config.threads)
                 for name, (path, settings) in models.items()}
     base = next(iter(models))
+    plan = speed_plan(config)
     result: dict = {"threads": config.threads, "rounds": config.speed_rounds, "seconds_per_round": config.speed_seconds}
     for batch in (1, config.speed_batch):
         inputs = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
-        samples: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(config.speed_rounds):
-            for name, session in sessions.items():
-                samples[name].extend(_time_runs(session, inputs, config.speed_seconds))
-        medians = {name: float(np.median(times)) for name, times in samples.items()}
-        entry = {f"{name}_ms": round(1e3 * medians[name], 4) for name in sessions}
-        for name in sessions:
+        slots = {name: runtime.session_slot(session, inputs) for name, session in sessions.items()}
+        time_interleaved(list(slots.values()), plan)
+        entry = {f"{name}_ms": round(summarize(slot.latencies_ns, batch)["latency_ms"]["p50"], 4)
+                 for name, slot in slots.items()}
+        for name, slot in slots.items():
             if name != base:
-                entry[f"{name}_ratio"] = round(medians[name] / medians[base], 3)
-        entry["runs"] = {name: len(times) for name, times in samples.items()}
+                entry[f"{name}_ratio"] = round(ratio_of_medians(slot, slots[base]), 3)
+        entry["runs"] = {name: len(slot.latencies_ns) for name, slot in slots.items()}
         result[f"batch_{batch}"] = entry
     return result
 
 
-def _time_runs(session, inputs: np.ndarray, seconds: float) -> list[float]:
-    feed = {session.get_inputs()[0].name: inputs}
-    for _ in range(2):  # warm-up: first runs allocate and pick kernels
-        session.run(None, feed)
-    times = []
-    deadline = time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        session.run(None, feed)
-        end = time.perf_counter()
-        times.append(end - start)
-        if end >= deadline:
-            return times
+def speed_plan(config: QuantizeConfig) -> TimingPlan:
+    """The harness plan of the export's speed check: `speed_rounds` rounds of `speed_seconds` per model."""
+    return TimingPlan(warmup=2, warmup_seconds=max(config.speed_seconds, 0.1), duration=config.speed_seconds * config.speed_rounds,
+                      rounds=config.speed_rounds, time_limit=max(20.0, 2 * config.speed_seconds * config.speed_rounds))
 
 
 def slower_batches(speed: dict, name: str, tolerance: float) -> list[tuple[str, float]]:

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.errors import DeviceError
+from pipeline.timing import Slot
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -72,3 +73,13 @@ def run_batched(session: ort.InferenceSession, x: np.ndarray, batch: int = 1024)
     name = session.get_inputs()[0].name
     outputs: Sequence[np.ndarray] = [session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outputs)
+
+
+def session_slot(session: ort.InferenceSession, x: np.ndarray, **info) -> Slot:
+    """A `timing.Slot` whose one timed call is `session.run` on `x` (the feed built once, outside the clock)."""
+    feed = {session.get_inputs()[0].name: x}
+
+    def run():
+        return session.run(None, feed)
+
+    return Slot(run=run, info={"session_providers": session.get_providers(), **info})

@@ -254,39 +254,26 @@ def count_random_ops(ops: dict[str, int]) -> int:
 
 
 def _time_all(paths: dict[str, Path], config: StudyConfig, preprocess, emit: Callable[[dict], None]) -> dict:
-    """Batch-1 latency of every exported model, timed in one interleaved loop so load noise hits all alike."""
+    """Batch-1 latency of every exported model, in one `time_interleaved` call so load noise hits all alike."""
     import numpy as np
 
-    from pipeline.runtime import create_session
+    from pipeline.runtime import create_session, session_slot
+    from pipeline.timing import TimingPlan, summarize, time_interleaved
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, preprocess.channels, *preprocess.size)).astype(np.float32)
-    sessions = {}
-    for name, path in paths.items():
-        session = create_session(path, runtime=artifacts.DEFAULT_RUNTIME, threads=config.latency_threads)
-        sessions[name] = (session, session.get_inputs()[0].name)
-    names = list(sessions)
-    for _ in range(config.latency_warmup):
-        for name in names:
-            session, input_name = sessions[name]
-            session.run(None, {input_name: x})
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    deadline = time.perf_counter() + config.latency_seconds
-    for i in range(config.latency_runs):
-        # Rotate the order every round: no variant always runs right after another.
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            session, input_name = sessions[name]
-            t0 = time.perf_counter()
-            session.run(None, {input_name: x})
-            samples[name].append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            break
+    slots = {name: session_slot(create_session(path, runtime=artifacts.DEFAULT_RUNTIME, threads=config.latency_threads), x)
+             for name, path in paths.items()}
+    # `latency_seconds` bounds the whole loop: each slot gets its share as the harness's time limit.
+    plan = TimingPlan(warmup=config.latency_warmup, runs=config.latency_runs, rounds=min(10, config.latency_runs),
+                      time_limit=config.latency_seconds / max(len(slots), 1))
+    time_interleaved(list(slots.values()), plan)
     result = {}
-    for name, values in samples.items():
-        us = np.asarray(values) * 1e6
-        result[name] = {"p50_us": float(np.percentile(us, 50)), "p90_us": float(np.percentile(us, 90)),
-                        "runs": len(values), "batch": 1, "threads": config.latency_threads,
-                        "provider": sessions[name][0].get_providers()[0]}
+    for name, slot in slots.items():
+        stats = summarize(slot.latencies_ns, 1)["latency_ms"]
+        result[name] = {"p50_us": 1e3 * stats["p50"], "p90_us": 1e3 * stats["p90"],
+                        "runs": len(slot.latencies_ns), "batch": 1, "threads": config.latency_threads,
+                        "provider": slot.info["session_providers"][0]}
         emit({"event": "timed", "variant": name})
     return result
 

@@ -110,11 +110,21 @@ def test_peak_graphs_compute_the_products_they_are_named_after():
 def test_interleaved_gives_every_case_samples_in_every_round():
     order: list[str] = []
     cases = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
-    times = bench.interleaved(cases, seconds=0.03, rounds=4)
-    assert set(times) == {"a", "b", "c"} and all(len(ts) >= 4 and min(ts) >= 0 for ts in times.values())
-    timed = order[9:]  # after 3 warm-up calls per case
-    rounds = [timed[i:i + len(timed) // 4] for i in range(0, len(timed), len(timed) // 4)]
-    assert all(set(r) == {"a", "b", "c"} for r in rounds)
+    slots = bench.interleaved(cases, seconds=0.03, rounds=4)
+    assert set(slots) == {"a", "b", "c"}
+    assert all(sorted(set(slot.rounds)) == [0, 1, 2, 3] and min(slot.latencies_ns) >= 0 for slot in slots.values())
+    assert order[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3  # warm-up, then the timed rounds
+    # Round 1 runs the cases in reverse: c's block comes before a's.
+    timed = [name for name in order[9:]]
+    first_c = timed.index("c")
+    assert "a" in timed[:first_c] and timed[first_c:].index("a") > 0
+
+
+def test_training_timing_drops_the_first_step_of_every_round():
+    from pipeline.timing import Slot
+
+    slot = Slot(run=lambda: None, latencies_ns=[9, 1, 1, 9, 2, 9], rounds=[0, 0, 0, 1, 1, 2])
+    assert bench.first_of_round_dropped(slot) == [1e-9, 1e-9, 2e-9]
 
 
 def test_run_client_refuses_a_file_whose_sha256_differs(exported_run_master, tmp_path):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import artifacts, runtime  # noqa: E402
+from pipeline.timing import Slot, TimingPlan, summarize, time_interleaved  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist-test"
 RUNS = {"default": ("models/mnist", "32,64"), "wide": ("models/mnist-64-128", "64,128")}
@@ -128,40 +128,28 @@ def _call(cmd: list[str], log: list[str]) -> None:
 # --- timing ---------------------------------------------------------------------------------
 
 
-def interleaved(cases: dict[str, Callable[[], object]], seconds: float, rounds: int) -> dict[str, list[float]]:
-    """Per-call seconds of each case, timed in `rounds` rounds that alternate the cases.
+def interleaved(cases: dict[str, Callable[[], object]], seconds: float, rounds: int) -> dict[str, Slot]:
+    """Every case timed through the one harness (`pipeline.timing.time_interleaved`), in one call.
 
-    Each case gets about the same wall time per round (`seconds / rounds / len(cases)`), so one
-    load spike from a neighbour hits all of them alike. Warm-up first (3 calls each).
+    Each case gets `seconds / len(cases)` of timed runs split into `rounds` rounds that alternate
+    the cases (order reversed on odd rounds), so one load spike from a neighbour hits all alike.
     """
-    cost = {}
-    for name, fn in cases.items():
-        for _ in range(2):
-            fn()
-        started = time.perf_counter()
-        fn()
-        cost[name] = max(time.perf_counter() - started, 1e-6)
-    slice_s = seconds / rounds / len(cases)
-    calls = {name: max(1, int(slice_s / c)) for name, c in cost.items()}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            for _ in range(calls[name]):
-                started = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - started)
-    return times
+    slots = {name: Slot(run=fn) for name, fn in cases.items()}
+    per_case = seconds / max(len(cases), 1)
+    time_interleaved(list(slots.values()), TimingPlan(warmup=3, warmup_seconds=max(per_case / 4, 0.05), duration=per_case,
+                                                       rounds=rounds, time_limit=max(2 * per_case, 1.0)))
+    return slots
 
 
-def p50(ts: list[float]) -> float:
-    return statistics.median(ts)
+def p50(slot: Slot) -> float:
+    """Median seconds of one timed call."""
+    return float(np.median(slot.latencies_ns)) / 1e9
 
 
-def summary(ts: list[float], batch: int) -> dict:
-    a = np.asarray(ts)
-    return {"batch": batch, "calls": len(ts), "p50_ms": 1e3 * float(np.percentile(a, 50)),
-            "p90_ms": 1e3 * float(np.percentile(a, 90)), "min_ms": 1e3 * float(a.min()),
-            "images_per_s": batch / float(np.percentile(a, 50))}
+def summary(slot: Slot, batch: int) -> dict:
+    stats = summarize(slot.latencies_ns, batch)["latency_ms"]
+    return {"batch": batch, "calls": len(slot.latencies_ns), "p50_ms": stats["p50"], "p90_ms": stats["p90"],
+            "min_ms": stats["min"], "images_per_s": batch / (stats["p50"] / 1e3)}
 
 
 def torch_runner(model, x: np.ndarray, threads: int) -> Callable[[], object]:
@@ -325,11 +313,17 @@ def measure_run(label: str, run: RunModels, seconds: float, rounds: int, with_to
     return out
 
 
+def first_of_round_dropped(slot: Slot) -> list[float]:
+    """Seconds of each timed call except the first of every round (the one that paid for a thread switch)."""
+    keep = [i for i, r in enumerate(slot.rounds) if i > 0 and slot.rounds[i - 1] == r]
+    return [slot.latencies_ns[i] / 1e9 for i in keep] or [ns / 1e9 for ns in slot.latencies_ns]
+
+
 def measure_training(run: RunModels, seconds: float, rounds: int, batch: int = 64) -> dict:
     """Images/s of the training step (forward, backward, AdamW) on in-memory tensors, 1 vs 2 torch threads.
 
-    Blocks of steps alternate between the thread counts, round by round; the first step after each
-    switch is not timed (torch rebuilds its thread pool on `set_num_threads`).
+    One `time_interleaved` call: blocks of steps alternate between the thread counts, round by round;
+    the first step of each block is left out (torch rebuilds its thread pool on `set_num_threads`).
     """
     import torch
 
@@ -346,27 +340,23 @@ def measure_training(run: RunModels, seconds: float, rounds: int, batch: int = 6
         loss.backward()
         opt.step()
 
-    before = torch.get_num_threads()
-    times: dict[str, list[float]] = {"1 thread": [], "2 threads": []}
-    deadline = time.perf_counter() + seconds
-    for _ in range(rounds):
-        for name, threads in (("1 thread", 1), ("2 threads", 2)):
-            torch.set_num_threads(threads)
+    def at(threads: int) -> Callable[[], None]:
+        def run():
+            if torch.get_num_threads() != threads:  # a switch rebuilds torch's pool: once per round, dropped below
+                torch.set_num_threads(threads)
             step()
-            block_end = time.perf_counter() + seconds / rounds / 2
-            while True:
-                started = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - started)
-                if time.perf_counter() > block_end:
-                    break
-        if time.perf_counter() > deadline:
-            break
+        return run
+
+    before = torch.get_num_threads()
+    slots = {"1 thread": Slot(run=at(1)), "2 threads": Slot(run=at(2))}
+    time_interleaved(list(slots.values()), TimingPlan(warmup=1, duration=seconds / 2, rounds=rounds,
+                                                       time_limit=max(seconds, 1.0)))
     torch.set_num_threads(before)
+    times = {name: first_of_round_dropped(slot) for name, slot in slots.items()}
     train_images = run.manifest["dataset"]["sizes"]["train"]
     res: dict = {"batch": batch, "train_images": train_images}
     for name, ts in times.items():
-        ips = batch / p50(ts)
+        ips = batch / float(np.median(ts))
         res[name] = {"images_per_s": ips, "seconds_per_epoch": train_images / ips, "steps": len(ts)}
     tr = run.manifest["training"]
     res["recorded by train"] = {"seconds_per_epoch": tr.get("seconds_per_epoch"), "train_seconds": tr.get("train_seconds"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,20 +88,15 @@ def accuracy(sess, x, y, batch=1000) -> float:
 
 
 def interleaved(cases: dict, rounds: int, inner: int = 1) -> dict:
-    """cases: name -> zero-arg callable. Alternates A, B, ... each round, `inner` calls each;
-    every call timed on its own (an average over calls would fold preemptions by the
-    neighbours' jobs into every sample; the median of single calls mostly skips them)."""
-    for fn in cases.values():
-        for _ in range(3):
-            fn()
-    times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            for _ in range(inner):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return times
+    """cases: name -> zero-arg callable. Per-call seconds of each, from one `pipeline.timing.time_interleaved`
+    call: `rounds` rounds alternating the cases (order reversed on odd rounds), `inner` calls each per round,
+    every call timed on its own (an average over calls would fold preemptions by the neighbours' jobs into
+    every sample; the median of single calls mostly skips them)."""
+    from pipeline.timing import Slot, TimingPlan, time_interleaved
+
+    slots = {name: Slot(run=fn) for name, fn in cases.items()}
+    time_interleaved(list(slots.values()), TimingPlan(warmup=3, runs=rounds * inner, rounds=rounds, time_limit=120.0))
+    return {name: [ns / 1e9 for ns in slot.latencies_ns] for name, slot in slots.items()}
 
 
 def med(ts):

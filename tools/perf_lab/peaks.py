@@ -4,11 +4,15 @@ python tools/perf_lab/peaks.py [--m 512 --k 1024 --n 1024 --rounds 15 --threads 
 """
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from pipeline.timing import Slot, TimingPlan, time_interleaved  # noqa: E402
 
 
 def matmul_graph(kind, m, k, n, a_type="u8", b_type="s8"):
@@ -72,15 +76,9 @@ def main():
         "QLinearMatMul u8u8": (matmul_graph("qlmm", m, k, n, "u8", "u8"), rng.integers(0, 255, (m, k)).astype(np.uint8)),
     }
     sessions = {name: (session(mb, a.threads), x) for name, (mb, x) in cases.items()}
-    times = {name: [] for name in cases}
-    for s, x in sessions.values():
-        for _ in range(3):
-            s.run(None, {"A": x})
-    for _ in range(a.rounds):
-        for name, (s, x) in sessions.items():
-            t = time.perf_counter()
-            s.run(None, {"A": x})
-            times[name].append(time.perf_counter() - t)
+    slots = {name: Slot(run=lambda s=s, x=x: s.run(None, {"A": x})) for name, (s, x) in sessions.items()}
+    time_interleaved(list(slots.values()), TimingPlan(warmup=3, runs=a.rounds, rounds=a.rounds, time_limit=120.0))
+    times = {name: [ns / 1e9 for ns in slot.latencies_ns] for name, slot in slots.items()}
     ops = 2 * m * k * n
     base = statistics.median(times["fp32 MatMul"])
     print(f"m={m} k={k} n={n} threads={a.threads} ort={ort.__version__}")
