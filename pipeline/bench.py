@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from pipeline import artifacts, runtime
+from pipeline import artifacts, engines, runtime
 from pipeline.config import BenchConfig, to_dict
 from pipeline.errors import DeviceError, PipelineError, RunFolderError
 from pipeline.onnxfile import ModelFileError, io_signature, load_model
@@ -151,8 +151,9 @@ def _sample_shape(path: Path, model) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def run_targets(run_dir: Path, variants: Sequence[str] | None = None) -> list[OnnxTarget]:
-    """Every artifact of the run's manifest (or the named `variants`), checked against its recorded hash."""
+def run_targets(run_dir: Path, variants: Sequence[str] | None = None,
+                engine_names: Sequence[str] = (engines.ONNXRUNTIME,)) -> list:
+    """Every artifact of the run's manifest (or the named `variants`), checked against its recorded hash, per engine."""
     run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
     records = manifest.get("artifacts") or {}
@@ -171,12 +172,13 @@ def run_targets(run_dir: Path, variants: Sequence[str] | None = None) -> list[On
         if record.get("sha256") and record["sha256"] != digest:
             raise BenchError(f"{path}: sha256 {digest[:12]} differs from the manifest's {record['sha256'][:12]}: "
                              "the file changed after it was recorded")
-        targets.append(OnnxTarget(name=name, path=path, kind=record.get("kind", name), runtime=dict(record.get("runtime") or {}),
-                                  sha256=digest, input_shape=_sample_shape(path, model)))
+        target = OnnxTarget(name=name, path=path, kind=record.get("kind", name), runtime=dict(record.get("runtime") or {}),
+                            sha256=digest, input_shape=_sample_shape(path, model))
+        targets += _per_engine(target, engine_names)
     return targets
 
 
-def file_targets(paths: Sequence[Path]) -> list[OnnxTarget]:
+def file_targets(paths: Sequence[Path], engine_names: Sequence[str] = (engines.ONNXRUNTIME,)) -> list:
     """ONNX files given directly: default ORT settings, named by file name."""
     targets, names = [], set()
     for path in map(Path, paths):
@@ -185,9 +187,23 @@ def file_targets(paths: Sequence[Path]) -> list[OnnxTarget]:
         while name in names:
             name += "'"
         names.add(name)
-        targets.append(OnnxTarget(name=name, path=path, kind="file", sha256=artifacts.sha256_file(path),
-                                  input_shape=_sample_shape(path, model)))
+        targets += _per_engine(OnnxTarget(name=name, path=path, kind="file", sha256=artifacts.sha256_file(path),
+                                          input_shape=_sample_shape(path, model)), engine_names)
     return targets
+
+
+# Artifacts another engine may run: single-output deterministic classifiers (not the MC dropout model).
+OTHER_ENGINE_KINDS = ("fp32", "int8", "fp16", "file")
+
+
+def _per_engine(target: OnnxTarget, engine_names: Sequence[str]) -> list:
+    """The ORT target and, for every other engine asked for, the same file under that engine."""
+    out = [target] if engines.ONNXRUNTIME in engine_names else []
+    for engine in engine_names:
+        if engine != engines.ONNXRUNTIME and target.kind in OTHER_ENGINE_KINDS:
+            out.append(engines.OpenVinoTarget(name=target.name, path=target.path, kind=target.kind, sha256=target.sha256,
+                                              input_shape=target.input_shape, engine=engine))
+    return out
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -280,23 +296,62 @@ def _thread_plan(targets, provider: str, batch: int, config: BenchConfig, cores:
     return [cores], "auto (all usable cores)", None
 
 
-def benchmark(targets: Sequence, config: BenchConfig, on_group: Callable[[str], None] | None = None) -> BenchResult:
-    """Time every target for every provider, batch size and thread count of `config`."""
+def vet_engines(targets: Sequence, reference: engines.Reference | None) -> tuple[list, dict, list[dict]]:
+    """(targets that may be timed, {id(target): (status, reason, extra)} of the others, agreement records).
+
+    ONNX Runtime pairs are the reference (fp32) or passed the export's accuracy gate against it
+    (int8, fp16) and run as timed. Every other engine's pair is run on the reference's real test
+    images first: one that is not installed is "unavailable", one that disagrees is "refused".
+    """
+    keep, held, checks = [], {}, []
+    for target in targets:
+        if target.engine in (engines.ONNXRUNTIME, "torch"):
+            keep.append(target)
+            continue
+        ok, reason = engines.available(target.engine)
+        if not ok:
+            held[id(target)] = ("unavailable", reason, {})
+            continue
+        if reference is None:
+            held[id(target)] = ("refused", f"{target.engine} needs the agreement check on real test images: "
+                                           "bench it with --run RUN", {})
+            continue
+        try:
+            check = engines.check_agreement(target, reference)
+        except (PipelineError, RuntimeError, ValueError) as exc:
+            check = {"passed": False, "check": "run", "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        checks.append({"artifact": target.name, "engine": target.engine, **check})
+        if check["passed"]:
+            keep.append(target)
+        else:
+            held[id(target)] = ("refused", check["reason"], {"agreement": check})
+    return keep, held, checks
+
+
+def benchmark(targets: Sequence, config: BenchConfig, on_group: Callable[[str], None] | None = None,
+              reference: engines.Reference | None = None) -> BenchResult:
+    """Time every target for every provider, batch size and thread count of `config`.
+
+    Pairs of engines other than ONNX Runtime are checked against `reference` first (`vet_engines`).
+    """
     started = time.perf_counter()
     unavailable = {p: runtime.provider_available(p)[1] for p in config.providers if not runtime.provider_available(p)[0]}
     if config.require_provider and unavailable:
         raise DeviceError(f"--require-provider: {'; '.join(unavailable.values())}")
+    timed, held, checks = vet_engines(targets, reference)
     cores = usable_cores()
     records, choices = [], []
     for provider in config.providers:
         for batch in config.batch_sizes:
-            group = list(targets)
+            records += [_record(t, provider, batch, None, "none", held[id(t)][0], reason=held[id(t)][1], **held[id(t)][2])
+                        for t in targets if id(t) in held]
+            group = list(timed)
             if provider in unavailable:
                 # No session is opened: ORT would warn and run on the CPU under the provider's name.
                 # Other engines (the torch baseline) decide for themselves in `open`.
                 records += [_record(t, provider, batch, None, "none", "unavailable", reason=unavailable[provider])
-                            for t in targets if t.engine == "onnxruntime"]
-                group = [t for t in targets if t.engine != "onnxruntime"]
+                            for t in timed if t.engine == "onnxruntime"]
+                group = [t for t in timed if t.engine != "onnxruntime"]
                 if not group:
                     continue
             threads_list, source, choice = _thread_plan(group, provider, batch, config, cores)
@@ -306,9 +361,16 @@ def benchmark(targets: Sequence, config: BenchConfig, on_group: Callable[[str], 
                 if on_group is not None:
                     on_group(f"{provider} batch {batch} threads {threads}")
                 records += _measure_group(group, provider, batch, threads, source, config)
+    passed = {(c["artifact"], c["engine"]): c for c in checks if c["passed"]}
+    for r in records:
+        if r["status"] == "ok" and (r["artifact"], r["engine"]) in passed:
+            r["agreement"] = passed[(r["artifact"], r["engine"])]
     add_speedups(records)
-    return BenchResult(config=config, environment=environment(), targets=[t.describe() for t in targets],
-                       records=records, thread_choices=choices, seconds=time.perf_counter() - started)
+    result = BenchResult(config=config, environment=environment(), targets=[t.describe() for t in targets],
+                         records=records, thread_choices=choices, seconds=time.perf_counter() - started)
+    if checks:
+        result.extra["agreement"] = checks
+    return result
 
 
 def _measure_group(targets, provider, batch, threads, source, config) -> list[dict]:
@@ -352,13 +414,14 @@ def summary(records: list[dict]) -> dict:
     out: dict = {"fastest": {}, "speedup_vs_torch": {}, "unavailable": {}}
     for r in records:
         if r["status"] == "unavailable":
-            out["unavailable"][r["provider"]] = r["reason"]
+            out["unavailable"][r["provider"] if r["engine"] in ("onnxruntime", "torch") else r["engine"]] = r["reason"]
         if r["status"] != "ok":
             continue
         key = f"{r['provider']}/batch{r['batch']}"
         best = out["fastest"].get(key)
         if best is None or r["latency_ms"]["p50"] < best["p50_ms"]:
-            out["fastest"][key] = {"artifact": r["artifact"], "threads": r["threads"], "p50_ms": r["latency_ms"]["p50"]}
+            out["fastest"][key] = {"artifact": r["artifact"], "engine": r["engine"], "threads": r["threads"],
+                                   "p50_ms": r["latency_ms"]["p50"]}
         if "speedup_vs_torch" in r:
             out["speedup_vs_torch"][f"{r['artifact']}/{key}/threads{r['threads']}"] = r["speedup_vs_torch"]
     return out
@@ -411,7 +474,7 @@ RECORD_KEYS = ("artifact", "kind", "engine", "provider", "provider_name", "batch
 TIMED_KEYS = ("session_providers", "session_create_ms", "first_run_ms", "optimization_level", "io_binding", "warmup_runs",
               "runs", "stopped_by", "latency_ms", "cv", "throughput_ips")
 LATENCY_KEYS = ("p50", "p90", "p99", "mean", "std", "min", "max")
-STATUSES = ("ok", "unavailable", "failed")
+STATUSES = ("ok", "unavailable", "failed", "refused")
 
 
 def schema_problems(doc: dict) -> list[str]:

@@ -223,6 +223,7 @@ class MCConfig:
 
 
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
+BENCH_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")  # pipeline.engines.ENGINES, without importing it
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -232,6 +233,9 @@ class BenchConfig:
 
     providers: tuple[str, ...] = ("cpu",)
     """Execution providers to time, by short name: `cpu`, `cuda`, `tensorrt`. An unavailable one is reported, never timed."""
+    engines: tuple[str, ...] = ("onnxruntime",)
+    """Inference engines: `onnxruntime` (the default), `openvino` (f32 precision hint), `openvino-bf16`. One that
+    is not installed is reported in one line; a pair that disagrees with ONNX Runtime fp32 is refused, never timed."""
     batch_sizes: tuple[int, ...] = (1, 16, 256)
     """Batch sizes to time; each is one measurement per artifact, provider and thread count."""
     threads: tuple[int, ...] | None = None
@@ -264,6 +268,8 @@ class BenchConfig:
         for provider in self.providers:
             _require(provider in BENCH_PROVIDERS,
                      f"unknown provider {provider!r}: choose one of {', '.join(BENCH_PROVIDERS)}")
+        _require(len(self.engines) >= 1 and all(e in BENCH_ENGINES for e in self.engines),
+                 f"unknown engine in {', '.join(self.engines) or '(none)'}: choose from {', '.join(BENCH_ENGINES)}")
         _require(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes),
                  f"batch sizes must be one or more positive integers, got {self.batch_sizes}")
         _require(self.threads is None or (len(self.threads) >= 1 and all(t >= 1 for t in self.threads)),

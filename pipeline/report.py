@@ -55,12 +55,13 @@ def plot_latency(records: list[dict], path: Path, title: str) -> None:
     ok = [r for r in records if r.get("status") == "ok"]
     per_point: dict[tuple, int] = {}
     for r in ok:
-        key = (r["artifact"], r["provider"], r["batch"])
+        key = (r["artifact"], r.get("engine"), r["provider"], r["batch"])
         per_point[key] = per_point.get(key, 0) + 1
     split_by_threads = any(count > 1 for count in per_point.values())
     lines: dict[str, list[dict]] = {}
     for r in ok:
-        label = f"{r['artifact']} / {r['provider']}" + (f" / {r['threads']}t" if split_by_threads else "")
+        engine = "" if r.get("engine") in (None, "onnxruntime", "torch") else f" ({r['engine']})"
+        label = f"{r['artifact']}{engine} / {r['provider']}" + (f" / {r['threads']}t" if split_by_threads else "")
         lines.setdefault(label, []).append(r)
     fig, (lat_ax, tput_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     fig.subplots_adjust(wspace=0.3, right=0.8)

@@ -23,6 +23,9 @@ def bench(
     variants: Annotated[str, typer.Option(help="Only these artifacts of the run, comma-separated (default: all).")] = "",
     provider: Annotated[list[str], typer.Option(
         help="Execution provider: cpu, cuda, tensorrt. Repeat for several.")] = ["cpu"],  # noqa: B006
+    engine: Annotated[str, typer.Option(
+        help="Inference engines, comma-separated: onnxruntime, openvino (optional extra), openvino-bf16. "
+             "Pairs of other engines must agree with ONNX Runtime fp32 on the run's test images first.")] = "onnxruntime",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16,256",
     threads: Annotated[str, typer.Option(
         help="Intra-op threads, comma-separated, or 'auto' (a probe picks 1 or all cores per batch).")] = "auto",
@@ -58,15 +61,23 @@ def bench(
     from pipeline.config import BenchConfig
     from pipeline.report import plot_latency
 
-    config = BenchConfig(providers=tuple(provider), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+    config = BenchConfig(providers=tuple(provider), engines=tuple(int_list_names(engine)), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          threads=_threads(threads), optimization_level=optimization_level, warmup=warmup, runs=runs,
                          duration=duration, rounds=rounds, time_limit=time_limit, io_binding=io_binding,
                          require_provider=require_provider, baseline=baseline)
     if run is not None and files:
         raise ValueError("give either --run RUN or .onnx files, not both")
-    targets = (bench_stage.run_targets(run, int_list_names(variants)) if run is not None
-               else bench_stage.file_targets(files or []))
+    targets = (bench_stage.run_targets(run, int_list_names(variants), config.engines) if run is not None
+               else bench_stage.file_targets(files or [], config.engines))
     bench_stage.check_targets(targets)
+    reference = None
+    others = [t for t in targets if t.engine not in ("onnxruntime", "torch")]
+    if run is not None and others:
+        from pipeline import engines
+
+        if any(engines.available(t.engine)[0] for t in others):
+            with console.status("bench: ONNX Runtime fp32 on the run's test images (the agreement reference)"):
+                reference = engines.reference_for_run(run)
     if run is not None and baseline:
         from pipeline.baseline import run_baseline
 
@@ -76,7 +87,7 @@ def bench(
     folder = out or (run if run is not None else Path(files[0]).parent)
 
     with console.status("bench") as status:
-        result = bench_stage.benchmark(targets, config, on_group=lambda g: status.update(f"bench: {g}"))
+        result = bench_stage.benchmark(targets, config, on_group=lambda g: status.update(f"bench: {g}"), reference=reference)
         if compare is not None:
             from pipeline import dropout_cost
 
@@ -100,6 +111,11 @@ def int_list_names(text: str) -> list[str]:
     return [part for part in text.replace(" ", "").split(",") if part]
 
 
+def _label(record: dict) -> str:
+    """The artifact, and the engine when it is not ONNX Runtime (the torch baseline names itself)."""
+    return record["artifact"] if record["engine"] in ("onnxruntime", "torch") else f"{record['artifact']} ({record['engine']})"
+
+
 def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
@@ -119,15 +135,19 @@ def _show(result) -> None:
             continue
         lat = r["latency_ms"]
         speedup = f"{r['speedup_vs_torch']:.1f}x" if "speedup_vs_torch" in r else ""
-        table.add_row(r["artifact"], r["provider"], str(r["batch"]), f"{r['threads']}", _ms(lat["p50"]), _ms(lat["p90"]),
+        table.add_row(_label(r), r["provider"], str(r["batch"]), f"{r['threads']}", _ms(lat["p50"]), _ms(lat["p90"]),
                       _ms(lat["p99"]), f"{r['cv']:.2f}", f"{r['throughput_ips']:,.0f}", speedup,
                       ",".join(p.replace("ExecutionProvider", "") for p in r["session_providers"]))
     console.print(table)
     unavailable = {}
     for r in result.records:
         if r["status"] != "ok":
-            unavailable.setdefault((r["provider"], r["status"], r["reason"]), []).append(f"{r['artifact']}@{r['batch']}")
+            name = r["provider"] if r["engine"] in ("onnxruntime", "torch") else r["engine"]
+            unavailable.setdefault((name, r["status"], r["reason"]), []).append(f"{r['artifact']}@{r['batch']}")
     for (name, status, reason), which in unavailable.items():
+        if status == "unavailable" and name in ("openvino", "openvino-bf16"):
+            console.print(f"[yellow]{reason}[/]")  # one line: the engine is not installed, nothing else changes
+            continue
         console.print(f"[yellow]{name}: {status}, not timed[/] ({', '.join(which)}): {reason}")
     for choice in result.thread_choices:
         console.print(f"threads at {choice['provider']} batch {choice['batch']}: {choice['chosen']} "
