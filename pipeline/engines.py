@@ -223,3 +223,54 @@ def check_agreement(target, reference: Reference, outputs: Callable[[np.ndarray]
             record["reason"] = (f"top-1 agreement with ONNX Runtime fp32 {100 * agreement:.2f}% < {100 * MIN_AGREEMENT:.1f}% "
                                 f"on {len(reference.images)} test images (max abs logit diff {max_abs:.3g})")
     return record
+
+
+# --- an ONNX Runtime-shaped session for readers (predict) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Port:
+    name: str
+    shape: list
+
+
+class OpenVinoSession:
+    """The part of `onnxruntime.InferenceSession` that `predict` uses (get_inputs/get_outputs/get_providers/run),
+    over an OpenVINO model compiled with the same hints as bench (f32 precision, LATENCY, threads)."""
+
+    def __init__(self, model: bytes | Path, threads: int | None = None, engine: str = "openvino") -> None:
+        ok, reason = available(engine)
+        if not ok:
+            raise DeviceError(reason)
+        import openvino as ov
+
+        core = ov.Core()
+        source = model if isinstance(model, bytes) else str(model)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[engine]}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._compiled = core.compile_model(core.read_model(source), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._precision = OPENVINO_PRECISIONS[engine]
+
+    @staticmethod
+    def _ports(ports) -> list[_Port]:
+        return [_Port(p.get_any_name(), [d.get_length() if d.is_static else "batch" for d in p.get_partial_shape()])
+                for p in ports]
+
+    def get_inputs(self) -> list[_Port]:
+        return self._ports(self._compiled.inputs)
+
+    def get_outputs(self) -> list[_Port]:
+        return self._ports(self._compiled.outputs)
+
+    def get_providers(self) -> list[str]:
+        return [f"OpenVINO CPU ({self._precision})"]
+
+    def run(self, output_names, feed: dict) -> list[np.ndarray]:
+        results = self._request.infer({0: np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)})
+        outputs = [np.array(results[port]) for port in self._compiled.outputs]
+        if output_names:
+            names = [p.get_any_name() for p in self._compiled.outputs]
+            return [outputs[names.index(name)] for name in output_names]
+        return outputs

@@ -55,6 +55,9 @@ class LoadedModel:
     source: str
     """Where labels and preprocessing came from: `manifest`, `metadata` or `assumed`."""
     session: object
+    engine: str = "onnxruntime"
+    note: str | None = None
+    """One line when the manifest's deployment for this batch size could not be followed here."""
 
     @property
     def input_name(self) -> str:
@@ -62,8 +65,8 @@ class LoadedModel:
 
     def describe(self) -> dict:
         return {"path": str(self.path), "variant": self.variant, "sha256": self.sha256, "labels_from": self.source,
-                "preprocess": self.preprocess.to_dict(), "runtime": self.runtime,
-                "provider": self.session.get_providers()[0]}
+                "preprocess": self.preprocess.to_dict(), "runtime": self.runtime, "engine": self.engine,
+                "provider": self.session.get_providers()[0], **({"note": self.note} if self.note else {})}
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ def open_model(target: Path, config: PredictConfig) -> LoadedModel:
     return _from_metadata(target, config)
 
 
-def _from_manifest(run_dir: Path, manifest: dict, variant: str, config: PredictConfig) -> LoadedModel:
+def _from_manifest(run_dir: Path, manifest: dict, variant: str, config: PredictConfig, engine: str = "onnxruntime",
+                   threads: int | None = None, note: str | None = None) -> LoadedModel:
     from pipeline.runtime import create_session
 
     record = manifest["artifacts"][variant]
@@ -147,10 +151,16 @@ def _from_manifest(run_dir: Path, manifest: dict, variant: str, config: PredictC
         raise RunFolderError(f"{run_dir}: artifact {variant!r} has no {exc.args[0]!r} in the manifest") from None
     data, digest = read_verified(path, expected)
     runtime = {**(manifest.get("runtime") or {}), **(record.get("runtime") or {})}
-    session = create_session(data, runtime, threads=config.threads)
+    threads = config.threads or threads
+    if engine == "onnxruntime":
+        session = create_session(data, runtime, threads=threads)
+    else:
+        from pipeline.engines import OpenVinoSession
+
+        session = OpenVinoSession(data, threads, engine)
     labels = tuple(str(label) for label in manifest["labels"])
     model = LoadedModel(path, variant, digest, labels, Preprocess.from_dict(manifest["preprocess"]), runtime,
-                        "manifest", session)
+                        "manifest", session, engine, note)
     _check_signature(model)
     return model
 
@@ -340,7 +350,23 @@ def classify(model: LoadedModel, samples: list[Sample], top_k: int = 3) -> list[
 
 
 def predict(target: Path, inputs: list[Path], config: PredictConfig) -> tuple[LoadedModel, list[Prediction]]:
-    """Open the model (checking it), read the inputs, classify them."""
+    """Open the model (checking it), read the inputs, classify them.
+
+    A run folder without `--variant` follows the manifest's deployment for this many inputs (the
+    nearest measured batch size at or below), on its engine, or ONNX Runtime with a note when the
+    engine is not installed here.
+    """
+    target = Path(target)
+    if target.is_dir() and config.variant is None:
+        from pipeline import deployments, engines
+
+        manifest = artifacts.read_manifest(target)
+        choose_variant(manifest, None)  # a run without artifacts fails here, as before
+        samples = read_inputs(inputs, Preprocess.from_dict(manifest["preprocess"]), invert=config.invert)
+        choice = deployments.follow(manifest, max(len(samples), 1), engines.available)
+        model = _from_manifest(target, manifest, choose_variant(manifest, choice.artifact), config, choice.engine,
+                               choice.threads, choice.note)
+        return model, classify(model, samples, config.top_k)
     model = open_model(target, config)
     samples = read_inputs(inputs, model.preprocess, invert=config.invert)
     return model, classify(model, samples, config.top_k)

@@ -180,3 +180,32 @@ def test_reference_is_the_runs_test_split_and_bench_stays_torch_free(exported_ru
     assert done.returncode == 0, done.stderr
     assert "TORCH_ATTEMPTS=[]" in done.stderr
     assert ("CHECKS=1 HELD=0" if HAS_OPENVINO else "CHECKS=0 HELD=1") in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [True, False])
+def test_predict_follows_the_deployment_and_falls_back_with_one_note(exported_run_master, tmp_path, monkeypatch, blocked):
+    import shutil
+
+    from pipeline import artifacts
+    from tests.test_deployments import entry
+    from tests.test_predict import digits_test_split
+
+    if not blocked and not HAS_OPENVINO:
+        pytest.skip("openvino is not installed (optional extra)")
+    if blocked:
+        monkeypatch.setitem(sys.modules, "openvino", None)
+    run = tmp_path / "run"
+    shutil.copytree(exported_run_master, run)
+    artifacts.update_manifest(run, lambda m: m.__setitem__("deployments", [entry(1, artifact="fp32", engine="openvino")]))
+    x, _ = digits_test_split(run, 5)
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "x.npy"), "--json"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    model = json.loads(result.stdout)["model"]
+    if blocked:
+        assert len(notes) == 1 and "openvino" in notes[0] and "not installed" in notes[0]
+        assert model["engine"] == "onnxruntime" and model["variant"] == artifacts.read_manifest(run)["recommended"]
+    else:
+        assert notes == [] and model["engine"] == "openvino" and model["variant"] == "fp32"

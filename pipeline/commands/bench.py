@@ -25,7 +25,8 @@ def bench(
         help="Execution provider: cpu, cuda, tensorrt. Repeat for several.")] = ["cpu"],  # noqa: B006
     engine: Annotated[str, typer.Option(
         help="Inference engines, comma-separated: onnxruntime, openvino (optional extra), openvino-bf16. "
-             "Pairs of other engines must agree with ONNX Runtime fp32 on the run's test images first.")] = "onnxruntime",
+             "Pairs of other engines must agree with ONNX Runtime fp32 on the run's test images first. "
+             "Default: onnxruntime plus every engine the run's deployments name.")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,16,256",
     threads: Annotated[str, typer.Option(
         help="Intra-op threads, comma-separated, or 'auto' (a probe picks 1 or all cores per batch).")] = "auto",
@@ -46,6 +47,8 @@ def bench(
         help="A run of the same architecture trained without dropout: answer what dropout costs.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Folder for bench.json and bench.png (default: the run folder, or the first file's folder).")] = None,
+    record_deployments: Annotated[bool, typer.Option(
+        help="With --run: write the fastest timed (artifact, engine) per batch size to the manifest's deployments.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print bench.json to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table; print only where bench.json went.")] = False,
 ) -> None:
@@ -61,7 +64,7 @@ def bench(
     from pipeline.config import BenchConfig
     from pipeline.report import plot_latency
 
-    config = BenchConfig(providers=tuple(provider), engines=tuple(int_list_names(engine)), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+    config = BenchConfig(providers=tuple(provider), engines=_engines(engine, run), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          threads=_threads(threads), optimization_level=optimization_level, warmup=warmup, runs=runs,
                          duration=duration, rounds=rounds, time_limit=time_limit, io_binding=io_binding,
                          require_provider=require_provider, baseline=baseline)
@@ -95,6 +98,8 @@ def bench(
                 raise ValueError("--compare needs --run (the run trained with dropout)")
             status.update(f"bench: dropout comparison against {compare}")
             result.extra["dropout"] = dropout_cost.compare(run, compare, config)
+    if run is not None and record_deployments:
+        _record_deployments(run, result)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = bench_stage.write_bench(result, folder / bench_stage.BENCH_JSON)
     png_path = folder / bench_stage.BENCH_PNG
@@ -104,7 +109,46 @@ def bench(
         typer.echo(json.dumps(result.to_json(), indent=2))
     if not quiet:
         _show(result)
+    if run is not None:
+        _show_followed(run, config)
     console.print(f"wrote {json_path} and {png_path} ({result.seconds:.1f} s)")
+
+
+def _engines(text: str, run: Path | None) -> tuple[str, ...]:
+    """The --engine list, or onnxruntime plus the engines the run's deployments name (bench follows them)."""
+    if text.strip():
+        return tuple(int_list_names(text))
+    named = []
+    if run is not None:
+        from pipeline import artifacts, deployments
+
+        named = [d.engine for d in deployments.read(artifacts.read_manifest(run))]
+    return tuple(dict.fromkeys(["onnxruntime", *named]))
+
+
+def _record_deployments(run: Path, result) -> None:
+    from pipeline import artifacts, deployments
+
+    new = deployments.from_records(result.records, "bench", artifacts.now_iso())
+    if new:
+        artifacts.update_manifest(run, lambda m: m.__setitem__("deployments", deployments.merged(m.get("deployments") or [], new)))
+    result.extra["deployments"] = [d.to_dict() for d in new]
+
+
+def _show_followed(run: Path, config) -> None:
+    """Per batch size, what the manifest's deployments say to run here (and a one-line note when it cannot be)."""
+    from pipeline import artifacts, deployments, engines
+
+    manifest = artifacts.read_manifest(run)
+    for batch in config.batch_sizes:
+        choice = deployments.follow(manifest, batch, engines.available)
+        if choice.note:
+            console.print(f"[yellow]note:[/] {choice.note}")
+        elif choice.deployment is not None:
+            d = choice.deployment
+            console.print(f"deployment for batch {batch}: {d.artifact} on {d.engine} ({d.threads} threads), "
+                          f"p50 {_ms(d.p50_ms)} ms at batch {d.batch}, {d.ratio_to_fp32 or float('nan'):.2f}x fp32 "
+                          f"({d.measured}, {d.created})")
 
 
 def int_list_names(text: str) -> list[str]:

@@ -20,7 +20,7 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG images of any size, IDX files, .npy arrays.",
                                                  show_default=False)],
     variant: Annotated[Optional[str], typer.Option(help="Artifact to run (fp32, int8, ...). "
-                                                        "Default: the manifest's recommended variant, else fp32.")] = None,
+                                                        "Default: the manifest's deployment for this many inputs.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Labels to show per input.")] = 3,
     threads: Annotated[Optional[int], typer.Option(help="ORT intra-op threads (default: the artifact's runtime).")] = None,
     invert: Annotated[bool, typer.Option(help="Invert 8-bit inputs: dark ink on light paper.")] = False,
@@ -42,6 +42,8 @@ def predict(
     variant = "mc" if mc else variant
     config = PredictConfig(variant=variant, top_k=top_k, threads=threads, invert=invert, assume=assume)
     loaded, predictions = run_predict(model, inputs, config)
+    if loaded.note:
+        typer.echo(f"note: {loaded.note}", err=True)
     if as_json:
         typer.echo(json.dumps({"model": loaded.describe(), "predictions": [p.to_dict() for p in predictions]}, indent=2))
         return

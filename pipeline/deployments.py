@@ -1,0 +1,154 @@
+"""The manifest's `deployments`: per measured batch size, which (artifact, engine) to run, and what it measured.
+
+    "deployments": [
+      {"batch": 1, "artifact": "int8", "engine": "onnxruntime", "provider": "cpu", "threads": 1,
+       "p50_ms": 0.061, "ratio_to_fp32": 0.47, "host": {"machine": ..., "processor": ..., "cpu_count": ...},
+       "measured": "export speed check", "created": "2026-12-02T01:00:00+00:00"},
+      {"batch": 256, ...}
+    ]
+
+Written by the export's speed check (ONNX Runtime, on the export host) and by `pipeline bench
+--run` (every engine it timed, on the bench host); a newer measurement of a batch size replaces
+the older one. `recommended` stays the one answer for readers that want one. Readers (`predict`,
+`bench`, the device runner) follow the entry of the nearest measured batch size at or below the
+one they run (the smallest entry when they run below every measured size), and fall back to ONNX
+Runtime with a one-line note when the entry's engine is not installed where they run.
+
+Imports no torch and no engine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+MEASURED_BY = ("export speed check", "bench")
+FIELDS = ("batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host", "measured", "created")
+
+
+def host() -> dict:
+    """The host a measurement belongs to (the same three fields as the artifacts' latency records)."""
+    return {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count()}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One measured batch size's recommendation."""
+
+    batch: int
+    artifact: str
+    engine: str
+    provider: str
+    threads: int | None
+    p50_ms: float
+    ratio_to_fp32: float | None
+    """p50 of this deployment / p50 of fp32 under ONNX Runtime, timed in the same interleaved group."""
+    host: dict
+    measured: str
+    created: str
+
+    def __post_init__(self) -> None:
+        problems = [message for ok, message in (
+            (isinstance(self.batch, int) and self.batch >= 1, f"batch must be a positive integer, got {self.batch!r}"),
+            (bool(self.artifact), "artifact must be named"),
+            (bool(self.engine), "engine must be named"),
+            (self.p50_ms >= 0, f"p50_ms must be >= 0, got {self.p50_ms}"),
+            (self.measured in MEASURED_BY, f"measured must be one of {MEASURED_BY}, got {self.measured!r}"),
+            (set(self.host) >= {"machine", "processor", "cpu_count"}, f"host lacks fields: {self.host}"),
+        ) if not ok]
+        if problems:
+            raise ValueError("deployment: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Deployment:
+        missing = [name for name in FIELDS if name not in record]
+        if missing:
+            raise ValueError(f"deployment record lacks {', '.join(missing)}: {record}")
+        return cls(**{name: record[name] for name in FIELDS})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read(manifest: dict) -> list[Deployment]:
+    """The manifest's deployments, by batch size; [] when it has none."""
+    return sorted((Deployment.from_dict(r) for r in manifest.get("deployments") or []), key=lambda d: d.batch)
+
+
+def merged(existing: Iterable[dict], new: Iterable[Deployment]) -> list[dict]:
+    """`existing` with every batch size of `new` replaced by the new entry, sorted by batch size."""
+    by_batch = {int(r["batch"]): r for r in existing}
+    by_batch.update({d.batch: d.to_dict() for d in new})
+    return [by_batch[b] for b in sorted(by_batch)]
+
+
+def nearest(entries: list[Deployment], batch: int) -> Deployment | None:
+    """The entry of the largest measured batch size <= `batch`, else the smallest; None without entries."""
+    if not entries:
+        return None
+    below = [d for d in entries if d.batch <= batch]
+    return below[-1] if below else entries[0]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a reader runs for a batch size, and why."""
+
+    artifact: str
+    engine: str
+    threads: int | None
+    deployment: Deployment | None
+    note: str | None
+    """One line when the deployment could not be followed here (its engine missing), else None."""
+
+
+def follow(manifest: dict, batch: int, installed: Callable[[str], tuple[bool, str]]) -> Choice:
+    """The (artifact, engine) to run at `batch`: the nearest deployment, or `recommended` on ONNX Runtime.
+
+    `installed(engine)` -> (ok, reason), e.g. `pipeline.engines.available`.
+    """
+    fallback = manifest.get("recommended") or "fp32"
+    entry = nearest(read(manifest), batch)
+    if entry is None:
+        return Choice(fallback, "onnxruntime", None, None, None)
+    if entry.artifact not in (manifest.get("artifacts") or {}):
+        return Choice(fallback, "onnxruntime", None, entry,
+                      f"the deployment for batch {entry.batch} names {entry.artifact!r}, which this run does not ship: "
+                      f"running {fallback} on onnxruntime")
+    if entry.engine != "onnxruntime":
+        ok, reason = installed(entry.engine)
+        if not ok:
+            return Choice(fallback, "onnxruntime", None, entry,
+                          f"the deployment for batch {entry.batch} is {entry.artifact} on {entry.engine}, not installed here "
+                          f"({reason}): running {fallback} on onnxruntime")
+    return Choice(entry.artifact, entry.engine, entry.threads, entry, None)
+
+
+# Artifact kinds a deployment may name: deterministic classifiers (not the MC dropout model, not the torch baseline).
+DEPLOYABLE_KINDS = ("fp32", "int8", "fp16")
+
+
+def from_records(records: Iterable[dict], measured: str, created: str, host_record: dict | None = None) -> list[Deployment]:
+    """Per batch size, the fastest timed record of a deployable artifact, with its p50 over fp32 on ONNX Runtime.
+
+    `records` are bench records (`status`, `artifact`, `kind`, `engine`, `provider`, `batch`, `threads`,
+    `latency_ms.p50`); only pairs that were timed count, so a pair refused by the agreement check never does.
+    The fp32 ratio uses the fp32 ONNX Runtime record of the same group (provider, batch, threads).
+    """
+    timed = [r for r in records if r.get("status") == "ok" and r.get("kind") in DEPLOYABLE_KINDS]
+    fp32 = {(r["provider"], r["batch"], r["threads"]): r["latency_ms"]["p50"] for r in timed
+            if r["kind"] == "fp32" and r["engine"] == "onnxruntime"}
+    best: dict[int, dict] = {}
+    for r in timed:
+        if r["batch"] not in best or r["latency_ms"]["p50"] < best[r["batch"]]["latency_ms"]["p50"]:
+            best[r["batch"]] = r
+    out = []
+    for batch, r in sorted(best.items()):
+        base = fp32.get((r["provider"], batch, r["threads"]))
+        out.append(Deployment(batch=batch, artifact=r["artifact"], engine=r["engine"], provider=r["provider"],
+                              threads=r["threads"], p50_ms=round(r["latency_ms"]["p50"], 6),
+                              ratio_to_fp32=round(r["latency_ms"]["p50"] / base, 4) if base else None,
+                              host=host_record or host(), measured=measured, created=created))
+    return out
