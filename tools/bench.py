@@ -37,6 +37,9 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_peers  # noqa: E402
+
 from pipeline import artifacts, runtime  # noqa: E402
 from pipeline.timing import Slot, TimingPlan, summarize, time_interleaved  # noqa: E402
 
@@ -45,6 +48,8 @@ RUNS = {"default": ("models/mnist", "32,64"), "wide": ("models/mnist-64-128", "6
 BIG_BATCH = 256
 # Acceptance of issue 9 (name -> (measured key, comparison, target)).
 TARGETS = {
+    "recommended deployment vs best peer, batch 1 (peer p50 / ours)": (">=", 1.0),
+    "recommended deployment vs best peer, batch 256 (peer p50 / ours)": (">=", 1.0),
     "default int8/fp32 throughput, batch 256": (">=", 1.5),
     "default int8 p50 / fp32 p50, batch 1": ("<=", 1.0),
     "default accuracy drop (points)": ("<=", 0.5),
@@ -91,6 +96,19 @@ class RunModels:
         splits = data.load(DataConfig.from_dict(self.manifest["dataset"]["config"]))
         pre = data.Preprocess.from_dict(self.manifest["preprocess"])
         return pre.apply(splits.x_test), splits.y_test
+
+    def peer_data(self) -> dict:
+        """Test split and the calibration images the run's int8 was made from (its recorded seed and count)."""
+        from pipeline import data, quantize
+        from pipeline.config import DataConfig
+
+        splits = data.load(DataConfig.from_dict(self.manifest["dataset"]["config"]))
+        pre = data.Preprocess.from_dict(self.manifest["preprocess"])
+        recipe = self.records["int8"]["quantization"]
+        calibration = quantize.sample_images(pre.apply(splits.x_train), int(recipe["calibration_images"]), int(recipe["seed"]))
+        return {"x_test": pre.apply(splits.x_test), "y_test": splits.y_test, "calibration": calibration,
+                "calibration_source": f"training split, {len(calibration)} images, seed {recipe['seed']} "
+                                      "(the draw the run's int8 was calibrated on)"}
 
     def torch_model(self):
         from pipeline.train import load_checkpoint
@@ -383,17 +401,31 @@ def environment() -> dict:
 
 
 def acceptance(result: dict) -> list[dict]:
-    d, w = result["runs"]["default"], result["runs"].get("wide")
+    d, w = result["runs"].get("default"), result["runs"].get("wide")
+    ratios = (result.get("peers") or {}).get("ratios", {})
     values = {
+        "recommended deployment vs best peer, batch 1 (peer p50 / ours)": ratios.get("best peer p50 / recommended p50, batch 1"),
+        "recommended deployment vs best peer, batch 256 (peer p50 / ours)":
+            ratios.get("best peer p50 / recommended p50, batch 256"),
+    }
+    if d is None:  # --peers-only
+        return _rows(values)
+    values.update({
         "default int8/fp32 throughput, batch 256": d["ratios"]["int8/fp32 throughput, batch 256"],
         "default int8 p50 / fp32 p50, batch 1": d["ratios"]["int8 p50 / fp32 p50, batch 1"],
         "default accuracy drop (points)": d["accuracy"]["drop_points"],
         "wide int8/fp32 throughput, batch 256": w["ratios"]["int8/fp32 throughput, batch 256"] if w else None,
         "fp32 batch-1 p50 / empty-run floor": d["ratios"]["fp32 batch-1 p50 / empty-run floor"],
         "ORT fp32 / torch eager speed, batch 1": d["ratios"]["ORT fp32 / torch eager speed, batch 1"],
-    }
+    })
+    return _rows(values)
+
+
+def _rows(values: dict) -> list[dict]:
     rows = []
     for name, (op, target) in TARGETS.items():
+        if name not in values:
+            continue
         v = values[name]
         ok = None if v is None else (v >= target if op == ">=" else v <= target)
         rows.append({"check": name, "value": v, "target": f"{op} {target:g}", "pass": ok})
@@ -409,11 +441,13 @@ def markdown(result: dict) -> str:
              f"{env['cpu']}, {env['cores']} cores ({', '.join(env['isa'])}), load average at start "
              f"{env['load_average'][0]:.1f}; onnxruntime {env['onnxruntime']}, torch {env['torch']}. "
              f"Interleaved rounds, p50 latencies; ratios are within one run. {result['seconds']:.0f} s in all.", "",
-             "## Acceptance (issue 9)", "", "| check | measured | target | pass |", "| --- | --- | --- | --- |"]
+             "## Acceptance (issues 9 and 16)", "", "| check | measured | target | pass |", "| --- | --- | --- | --- |"]
     for row in result["acceptance"]:
         v = "n/a" if row["value"] is None else f"{row['value']:.2f}"
         verdict = "-" if row["pass"] is None else ("yes" if row["pass"] else "NO")
         lines.append(f"| {row['check']} | {v} | {row['target']} | {verdict} |")
+    if result.get("peers"):
+        lines += bench_peers.markdown(result["peers"], result.get("command", "python tools/bench.py"))
     for label, r in result["runs"].items():
         lines += ["", f"## {label}: conv {r['conv_channels']} ({r['run_dir']}), {r['flops_per_image'] / 1e6:.1f} MFLOP/image", "",
                   f"accuracy fp32 {100 * r['accuracy']['fp32']['measured']:.2f}%, "
@@ -427,6 +461,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {s['batch']} | {t} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['images_per_s']:.0f} |")
         lines += [""] + [f"- {k}: **{v:.2f}**" for k, v in r["ratios"].items()]
         lines += [f"- {k}: {v:.3f}" if "limit" in k else f"- {k}: {v:.1f}" for k, v in r["compute"].items() if "share" not in k]
+    if "training" not in result:  # --peers-only
+        return "\n".join(lines) + "\n"
     lines += ["", f"## Against the GEMM peaks: ({PEAK_SHAPE[0]} x {PEAK_SHAPE[1]}) @ ({PEAK_SHAPE[1]} x {PEAK_SHAPE[2]}) "
               "in ONNX Runtime, timed inside each CNN group", ""]
     for label, r in result["runs"].items():
@@ -464,26 +500,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=300.0, help="seconds of timed measurement in all (bounds the run)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per measurement")
     p.add_argument("--quick", action="store_true", help="a 60 s budget and 6 rounds (smoke run)")
+    p.add_argument("--no-peers", action="store_true", help="skip the peer comparison (ORT defaults, OpenVINO, NNCF)")
+    p.add_argument("--peers-only", action="store_true",
+                   help="only the peer comparison on the default run (the whole budget; no wide run, torch, peaks, training)")
     a = p.parse_args(argv)
     if a.quick:
         a.budget, a.rounds = 60.0, 6
     started = time.perf_counter()
     log: list[str] = []
     runs = {"default": (a.default_run, RUNS["default"][1])}
-    if not a.no_wide:
+    if not a.no_wide and not a.peers_only:
         runs["wide"] = (a.wide_run, RUNS["wide"][1])
     for run_dir, widths in runs.values():
         if not a.no_prepare:
             prepare(Path(run_dir), widths, a.data_dir, a.train_epochs, a.train_threads, log)
     # Budget split in shares: the default run's two groups carry torch, the floor and the 3 peak graphs
-    # (4 each), the wide run's two groups 2.5 each, the training step 1.
-    share = a.budget / (8 + 5 * (len(runs) - 1) + 1)
+    # (4 each), the wide run's two groups 2.5 each, the training step 1, the peers (7 contenders, 2 batches) 6.
+    peers = not a.no_peers
+    shares = 0 if a.peers_only else 8 + 5 * (len(runs) - 1) + 1
+    share = a.budget / (shares + 6 * peers)
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result: dict = {"schema": 1, "created": artifacts.now_iso(), "environment": environment(), "commands_run": log,
-                    "budget_seconds": a.budget, "rounds": a.rounds, "runs": {}}
-    for label, (run_dir, _) in runs.items():
-        result["runs"][label] = measure_run(label, RunModels(run_dir), share * (4 if label == "default" else 2.5),
-                                            a.rounds, with_torch=label == "default")
-    result["training"] = measure_training(RunModels(a.default_run), share, a.rounds)
+                    "command": command.strip(), "budget_seconds": a.budget, "rounds": a.rounds, "runs": {}}
+    if peers:
+        result["peers"] = bench_peers.measure_peers(RunModels(a.default_run), RunModels(a.default_run).peer_data(),
+                                                    share * 6, a.rounds, a.out / "peers")
+    if not a.peers_only:
+        for label, (run_dir, _) in runs.items():
+            result["runs"][label] = measure_run(label, RunModels(run_dir), share * (4 if label == "default" else 2.5),
+                                                a.rounds, with_torch=label == "default")
+        result["training"] = measure_training(RunModels(a.default_run), share, a.rounds)
     result["acceptance"] = acceptance(result)
     result["seconds"] = time.perf_counter() - started
     a.out.mkdir(parents=True, exist_ok=True)

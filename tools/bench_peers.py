@@ -1,0 +1,180 @@
+"""`make bench`'s peer comparison: the pipeline's recommended deployment against what a user would pick instead.
+
+Every contender starts from the same fp32 `model.onnx` of the run and the same calibration images
+(the training-split draw the run's int8 record names), and goes through the same accuracy
+measurement on the held-out test split:
+
+- ORT `quantize_static` with its defaults (QDQ, S8S8, per-tensor, MinMax) after `quant_pre_process`;
+- ORT `quantize_dynamic` with its defaults after `quant_pre_process`;
+- OpenVINO on the fp32 file (static shape, f32 precision hint, LATENCY hint);
+- OpenVINO on NNCF's post-training int8 (`nncf.quantize` with its defaults) of the fp32 file.
+
+OpenVINO and NNCF are this script's own extras (`pip install 'pipeline[bench-peers]'`), never core
+dependencies: a peer whose package is missing is skipped with one line. The pipeline's side is the
+deployment its manifest recommends for each batch size (`pipeline.deployments.follow`), plus its
+int8 and fp32 under ONNX Runtime for context. At each batch size (1 at 1 thread, 256 at 2 threads)
+all contenders are timed in ONE `pipeline.timing.time_interleaved` call, so their ratios hold on a
+loaded machine. A peer counts as "best peer" only if it passes the pipeline's own accuracy gate
+(test accuracy within `MAX_DROP_POINTS` of fp32): a faster file that lost accuracy is no alternative.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import deployments, engines, quantize, runtime
+from pipeline.bench import OnnxTarget
+from pipeline.config import BenchConfig
+from pipeline.timing import TimingPlan, summarize, time_interleaved
+
+BATCHES = ((1, 1), (256, 2))
+"""(batch, threads): the two operating points the acceptance names."""
+MAX_DROP_POINTS = 0.5
+PEERS = ("ORT quantize_static defaults", "ORT quantize_dynamic defaults", "OpenVINO fp32", "OpenVINO + NNCF int8")
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ort_peers(fp32: Path, calibration: np.ndarray, folder: Path, shape: tuple[int, ...]) -> dict:
+    from onnxruntime.quantization import quant_pre_process, quantize_dynamic, quantize_static
+
+    prepared = folder / "prepared.onnx"
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+    name = runtime.create_session(prepared, {}).get_inputs()[0].name
+    static, dynamic = folder / "ort_static_default.onnx", folder / "ort_dynamic_default.onnx"
+    quantize_static(str(prepared), str(static), quantize.CalibrationReader(calibration, name, 32))
+    quantize_dynamic(str(prepared), str(dynamic))
+    return {PEERS[0]: OnnxTarget(name=PEERS[0], path=static, kind="int8", input_shape=shape),
+            PEERS[1]: OnnxTarget(name=PEERS[1], path=dynamic, kind="int8", input_shape=shape)}
+
+
+def _openvino_peers(fp32: Path, calibration: np.ndarray, folder: Path, shape: tuple[int, ...]) -> dict:
+    ok, reason = engines.available("openvino")
+    if not ok:
+        say(f"peers: OpenVINO fp32 and OpenVINO + NNCF int8 skipped: {reason}")
+        return {}
+    out = {PEERS[2]: engines.OpenVinoTarget(name=PEERS[2], path=fp32, kind="fp32", input_shape=shape)}
+    try:
+        import nncf
+    except ImportError as exc:
+        say(f"peers: OpenVINO + NNCF int8 skipped: nncf is not installed ({exc}); `pip install 'pipeline[bench-peers]'` adds it")
+        return out
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32))
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    xml = folder / "nncf_int8.xml"
+    ov.save_model(quantized, str(xml))
+    out[PEERS[3]] = engines.OpenVinoTarget(name=PEERS[3], path=xml, kind="int8", input_shape=shape)
+    return out
+
+
+def _outputs(target, x: np.ndarray) -> np.ndarray:
+    if isinstance(target, OnnxTarget):
+        return runtime.run_batched(runtime.create_session(target.path, target.runtime), x)
+    return target.outputs(x)
+
+
+def _pipeline_targets(run, manifest: dict, shape: tuple[int, ...]) -> dict:
+    out = {}
+    for variant in ("int8", "fp32"):
+        out[f"pipeline {variant} (ORT)"] = OnnxTarget(name=variant, path=run.path(variant), kind=variant,
+                                                      runtime=run.runtime(variant), input_shape=shape)
+    if engines.available("openvino")[0]:
+        out["pipeline int8 (OpenVINO)"] = engines.OpenVinoTarget(name="int8", path=run.path("int8"), kind="int8",
+                                                                 input_shape=shape)
+    return out
+
+
+def _recommended(manifest: dict, batch: int, contenders: dict) -> tuple[str, dict]:
+    """The contender that is the manifest's deployment for `batch` (as `predict` would follow it)."""
+    choice = deployments.follow(manifest, batch, engines.available)
+    engine_label = "ORT" if choice.engine == "onnxruntime" else "OpenVINO"
+    name = f"pipeline {choice.artifact} ({engine_label})"
+    where = {"artifact": choice.artifact, "engine": choice.engine, "note": choice.note,
+             "deployment": choice.deployment.to_dict() if choice.deployment else None}
+    if name not in contenders:
+        raise SystemExit(f"the manifest recommends {choice.artifact} on {choice.engine} at batch {batch}, "
+                         f"which this script cannot time here ({', '.join(contenders)})")
+    return name, where
+
+
+def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) -> dict:
+    """Build the peers, measure every contender's accuracy, time all contenders per batch in one interleaved call."""
+    manifest = run.manifest
+    shape = run.sample_shape()
+    fp32 = run.path("fp32")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="peers-", dir=folder) as tmp:
+        work = Path(tmp)
+        peers = {**_ort_peers(fp32, data["calibration"], work, shape), **_openvino_peers(fp32, data["calibration"], work, shape)}
+        contenders = {**_pipeline_targets(run, manifest, shape), **peers}
+        x_test, y_test = data["x_test"], data["y_test"]
+        reference = _outputs(contenders["pipeline fp32 (ORT)"], x_test).argmax(1)
+        fp32_accuracy = float(np.mean(reference == y_test))
+        rows: dict = {}
+        for name, target in contenders.items():
+            predictions = _outputs(target, x_test).argmax(1)
+            accuracy = float(np.mean(predictions == y_test))
+            drop = 100 * (fp32_accuracy - accuracy)
+            rows[name] = {"peer": name in peers, "engine": target.engine, "file": target.path.name,
+                          "test_accuracy": accuracy, "drop_points": drop,
+                          "agreement_with_fp32": float(np.mean(predictions == reference)),
+                          "passes_gate": drop <= MAX_DROP_POINTS + 1e-9}
+        result: dict = {"calibration": data["calibration_source"], "test_images": int(len(y_test)),
+                        "fp32_test_accuracy": fp32_accuracy, "max_drop_points": MAX_DROP_POINTS,
+                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}}
+        plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
+                          rounds=rounds, time_limit=max(seconds, 2.0))
+        config = BenchConfig()
+        for batch, threads in BATCHES:
+            x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])), dtype=np.float32)
+            slots = {name: target.open("cpu", batch, threads, config, x) for name, target in contenders.items()}
+            time_interleaved(list(slots.values()), plan)
+            key = f"batch {batch}"
+            for name, slot in slots.items():
+                stats = summarize(slot.latencies_ns, batch)
+                rows[name][key] = {"threads": threads, "p50_ms": stats["latency_ms"]["p50"],
+                                   "p90_ms": stats["latency_ms"]["p90"], "cv": stats["cv"], "runs": stats["runs"],
+                                   "images_per_s": batch / (stats["latency_ms"]["p50"] / 1e3)}
+            rec, where = _recommended(manifest, batch, contenders)
+            eligible = [n for n in peers if rows[n]["passes_gate"]]
+            result["recommended"][key] = {"contender": rec, **where}
+            if eligible:
+                best = min(eligible, key=lambda n: rows[n][key]["p50_ms"])
+                result["best_peer"][key] = best
+                # >= 1.0: the pipeline's recommendation is at least as fast as the best peer.
+                result["ratios"][f"best peer p50 / recommended p50, {key}"] = rows[best][key]["p50_ms"] / rows[rec][key]["p50_ms"]
+            say(f"[peers] {key}: " + ", ".join(f"{n} {rows[n][key]['p50_ms']:.4g} ms" for n in rows))
+    return result
+
+
+def markdown(peers: dict, command: str) -> list[str]:
+    """The peer table (README-ready) and the two acceptance ratios."""
+    rows = peers["contenders"]
+    lines = ["", "## Peers: the same fp32 model.onnx, the same calibration images", "",
+             f"`{command}`; calibration: {peers['calibration']}; accuracy on {peers['test_images']} held-out test images "
+             f"(fp32 {100 * peers['fp32_test_accuracy']:.2f}%). A peer is eligible as best peer only within "
+             f"{peers['max_drop_points']} points of fp32.", "",
+             "| contender | engine | test acc. | agrees w/ fp32 | batch 1, 1 thread, p50 | batch 256, 2 threads, p50 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        b1, b256 = r.get("batch 1"), r.get("batch 256")
+        mark = "" if r["passes_gate"] else " (fails the gate)"
+        lines.append(f"| {name}{mark} | {r['engine']} | {100 * r['test_accuracy']:.2f}% | {100 * r['agreement_with_fp32']:.2f}% | "
+                     f"{1e3 * b1['p50_ms']:.1f} us | {b256['p50_ms']:.2f} ms |")
+    lines.append("")
+    for key, rec in peers["recommended"].items():
+        best = peers["best_peer"].get(key)
+        ratio = peers["ratios"].get(f"best peer p50 / recommended p50, {key}")
+        verdict = "n/a (no eligible peer)" if ratio is None else f"**{ratio:.2f}** (best peer: {best})"
+        note = f"; {rec['note']}" if rec.get("note") else ""
+        lines.append(f"- {key}: recommended deployment {rec['contender']}; best peer p50 / recommended p50 = {verdict}{note}")
+    return lines
