@@ -223,6 +223,7 @@ class MCConfig:
 
 
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
+QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs")  # quantize.RECIPES
 BENCH_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")  # pipeline.engines.ENGINES, without importing it
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -537,8 +538,15 @@ class QuantizeConfig:
     """ONNX Runtime intra-op threads for the speed check; None: onnxruntime's default (all cores)."""
     variant: str | None = None
     """Artifact name; None: `int8` for static, `int8_dynamic` for dynamic. The file is `model.<variant>.onnx`."""
+    recipes: tuple[str, ...] | None = None
+    """Static int8 recipes to build, gate on validation and time against each other (`quantize.RECIPES`); the
+    fastest passing one ships. None: all of them when the speed check runs, else only `default` (this config)."""
+    keep_candidates: bool = False
+    """Keep the candidates that were not shipped as `model.<variant>.<recipe>.onnx` (not artifacts of the run)."""
 
     def __post_init__(self) -> None:
+        _require(self.recipes is None or (len(self.recipes) >= 1 and all(r in QUANT_RECIPES for r in self.recipes)),
+                 f"unknown int8 recipe in {', '.join(self.recipes or ()) or '(none)'}: choose from {', '.join(QUANT_RECIPES)}")
         _require(self.mode in QUANT_MODES, f"unknown quantization mode {self.mode!r}: choose one of {', '.join(QUANT_MODES)}")
         _require(self.format in QUANT_FORMATS, f"unknown quantization format {self.format!r}: choose one of {', '.join(QUANT_FORMATS)}")
         _require(self.method in CALIBRATION_METHODS,

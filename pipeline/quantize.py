@@ -479,6 +479,172 @@ def slower_batches(speed: dict, name: str, tolerance: float) -> list[tuple[str, 
             if key.startswith("batch_") and entry.get(f"{name}_ratio", 0.0) > 1.0 + tolerance]
 
 
+# --- recipes searched, not fixed ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An int8 recipe: changes to the configured `QuantizeConfig`, and why it is worth trying."""
+
+    name: str
+    overrides: dict
+    why: str
+
+
+# Which recipe is fastest depends on the host's int8 kernels and the model (tools/perf_lab/NOTES.md):
+# none wins everywhere, so each export times them on its own host and ships the fastest that passes.
+RECIPES = {r.name: r for r in (
+    Recipe("default", {}, "the configured recipe (by default U8S8 QDQ per-tensor, QDQ propagation off)"),
+    Recipe("ort-defaults", {"format": "qdq", "activation_type": "int8", "weight_type": "int8", "per_channel": False,
+                            "reduce_range": False, "method": "minmax", "op_types": (), "nodes_to_exclude": (),
+                            "keep_first_conv_fp32": False, "keep_last_layer_fp32": False, "pre_process": True,
+                            "extra_options": {}, "graph_optimization_level": "all", "disabled_optimizers": ()},
+           "onnxruntime.quantization.quantize_static with its defaults after quant_pre_process (S8S8 QDQ): "
+           "what a user gets without the pipeline, so the shipped int8 is never slower than it"),
+    Recipe("per-channel", {"per_channel": True}, "per-channel weight scales (accuracy headroom; other kernels)"),
+    Recipe("qoperator-u8s8", {"format": "qoperator", "activation_type": "uint8", "weight_type": "int8"},
+           "QOperator format: QLinearConv/QGemm nodes instead of Q/DQ pairs around float ops"),
+    Recipe("float-gemm-outputs", {"extra_options": {"OpTypesToExcludeOutputQuantization": ["Gemm"]}},
+           "profiles: requantizing the Gemm outputs (the logits) costs more than it saves at batch 1"),
+)}
+REFERENCE_RECIPE = "ort-defaults"
+
+
+def recipe_config(config: QuantizeConfig, name: str) -> QuantizeConfig:
+    """`config` with the recipe's changes (its variant and gate settings kept)."""
+    import dataclasses
+
+    return dataclasses.replace(config, **RECIPES[name].overrides, recipes=(name,))
+
+
+def recipes_to_try(config: QuantizeConfig) -> tuple[str, ...]:
+    """The recipes a static export builds: the configured ones, or all when the speed check can tell them apart."""
+    if config.mode != "static":
+        return ("default",)
+    if config.recipes is not None:
+        return tuple(config.recipes)
+    return tuple(RECIPES) if config.speed_check else ("default",)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe's int8 file through the validation gate (`result`), or why it did not pass (`error`)."""
+
+    recipe: str
+    config: QuantizeConfig
+    path: Path
+    result: QuantizeResult | None
+    error: str | None = None
+    numbers: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.result is not None
+
+
+def build_candidates(fp32_path: Path, folder: Path, config: QuantizeConfig, calibration: np.ndarray | None,
+                     probe: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, fp32_runtime: dict | None = None,
+                     on_recipe=None) -> list[Candidate]:
+    """Every recipe of `recipes_to_try(config)` quantized and gated on the validation split, each file in `folder`.
+
+    A recipe that fails its gate (or cannot be built) is a candidate with an error and its numbers;
+    the search fails only when no candidate passes (the first candidate's error is raised).
+    """
+    candidates, seen = [], {}
+    for name in recipes_to_try(config):
+        recipe_cfg = recipe_config(config, name)
+        key = repr({k: v for k, v in to_dict(recipe_cfg).items() if k != "recipes"})
+        if key in seen:  # the configured recipe may already be one of the named ones
+            log.info("int8 recipe %s is the same as %s: not built twice", name, seen[key])
+            continue
+        seen[key] = name
+        if on_recipe is not None:
+            on_recipe(name)
+        path = Path(folder) / f"model.{config.artifact}.{name}.onnx"
+        try:
+            result = quantize_gated(fp32_path, path, recipe_cfg, calibration if recipe_cfg.mode == "static" else None,
+                                    probe, x_val, y_val, fp32_runtime)
+            candidates.append(Candidate(name, recipe_cfg, path, result))
+        except AccuracyGateError as exc:
+            candidates.append(Candidate(name, recipe_cfg, path, None, str(exc), {
+                "validation_accuracy": exc.accuracy, "fp32_validation_accuracy": exc.fp32_accuracy,
+                "drop_points": round(exc.drop_points, 4), "agreement": exc.agreement, "excluded_nodes": list(exc.excluded)}))
+        except QuantizeError as exc:
+            candidates.append(Candidate(name, recipe_cfg, path, None, str(exc)))
+    if not any(c.passed for c in candidates):
+        failed = candidates[0]
+        raise (AccuracyGateError(failed.error, **_gate_numbers(failed)) if failed.numbers else QuantizeError(failed.error))
+    return candidates
+
+
+def _gate_numbers(candidate: Candidate) -> dict:
+    n = candidate.numbers
+    return {"fp32_accuracy": n["fp32_validation_accuracy"], "accuracy": n["validation_accuracy"],
+            "drop_points": n["drop_points"], "agreement": n["agreement"], "excluded": tuple(n["excluded_nodes"])}
+
+
+def choose_candidate(candidates: Sequence[Candidate], speed: dict | None, tolerance: float) -> tuple[Candidate, str]:
+    """(the candidate to ship, why): the fastest passing one that is nowhere slower than ORT's defaults beyond noise.
+
+    `speed` is one `speed_check` over "fp32" and every passing candidate by recipe name (one interleaved
+    call per batch size). Fastest = the lowest geometric mean of its latency ratios to fp32 over the
+    batch sizes. Eligible = within `1 + tolerance` of the `ort-defaults` candidate at every batch size,
+    so by construction the shipped int8 is never slower than ORT's default recipe beyond noise (when
+    `ort-defaults` passed its gate; otherwise every passing candidate is eligible).
+    """
+    passed = [c for c in candidates if c.passed]
+    if speed is None or len(passed) == 1:
+        return passed[0], "the only candidate" if len(passed) == 1 else "no speed check: the first passing recipe"
+    batches = [k for k in speed if k.startswith("batch_")]
+
+    def ratio(c: Candidate, key: str) -> float:
+        return speed[key][f"{c.recipe}_ms"] / speed[key]["fp32_ms"]
+
+    reference = next((c for c in passed if c.recipe == REFERENCE_RECIPE), None)
+    eligible = passed
+    if reference is not None:
+        eligible = [c for c in passed if all(speed[k][f"{c.recipe}_ms"] <= (1 + tolerance) * speed[k][f"{reference.recipe}_ms"]
+                                             for k in batches)]
+    score = {c.recipe: float(np.exp(np.mean([np.log(ratio(c, k)) for k in batches]))) for c in eligible}
+    chosen = min(eligible, key=lambda c: score[c.recipe])
+    against = f"; within {100 * tolerance:.0f}% of {REFERENCE_RECIPE} at every batch" if reference is not None else ""
+    return chosen, (f"{chosen.recipe}: the lowest geometric-mean latency ratio to fp32 ({score[chosen.recipe]:.3f}) of "
+                    f"{len(passed)} candidate(s) that passed the validation gate{against}")
+
+
+def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool) -> list[dict]:
+    """The int8 record's `candidates`: every recipe with its validation numbers and latency ratios."""
+    out = []
+    for c in candidates:
+        row: dict = {"recipe": c.recipe, "why": RECIPES[c.recipe].why, "overrides": _plain(RECIPES[c.recipe].overrides),
+                     "passed": c.passed, "shipped": c.recipe == shipped}
+        if c.passed:
+            row.update(validation_accuracy=c.result.accuracy, agreement=c.result.agreement,
+                       drop_points=round(c.result.drop_points, 4), excluded_nodes=list(c.result.excluded))
+        else:
+            row.update(error=c.error, **c.numbers)
+        if speed is not None and c.passed:
+            row["latency"] = {}
+            for key, entry in speed.items():
+                if key.startswith("batch_") and f"{c.recipe}_ms" in entry:
+                    ref = entry.get(f"{REFERENCE_RECIPE}_ms")
+                    row["latency"][key] = {"ms": entry[f"{c.recipe}_ms"],
+                                           "ratio_to_fp32": round(entry[f"{c.recipe}_ms"] / entry["fp32_ms"], 4),
+                                           **({"ratio_to_ort_defaults": round(entry[f"{c.recipe}_ms"] / ref, 4)} if ref else {})}
+        if kept and c.passed and c.recipe != shipped:
+            row["file"] = c.path.name
+        out.append(row)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 # --- fp16 ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,79 @@
+"""int8 recipes searched, not fixed: which candidate ships, and the guarantee against ORT's default recipe.
+
+Structural: the choice is checked on given latency tables (never timed here); the search itself on a
+real export is in the slow tests of test_quantize.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import quantize
+from pipeline.config import QuantizeConfig
+from pipeline.quantize import Candidate
+
+
+class Passed:
+    """Stands in for a QuantizeResult: the choice reads only whether a candidate passed."""
+
+    accuracy, agreement, drop_points, excluded = 0.98, 0.999, 0.1, ()
+
+
+def candidate(name: str, passed: bool = True) -> Candidate:
+    return Candidate(name, quantize.recipe_config(QuantizeConfig(), name), Path(f"model.int8.{name}.onnx"),
+                     Passed() if passed else None, None if passed else "gate failed")
+
+
+def speed(**ms: tuple[float, float]) -> dict:
+    """{recipe: (batch-1 ms, batch-256 ms)} with fp32 at (1.0, 10.0)."""
+    return {"batch_1": {"fp32_ms": 1.0, **{f"{k}_ms": v[0] for k, v in ms.items()}},
+            "batch_256": {"fp32_ms": 10.0, **{f"{k}_ms": v[1] for k, v in ms.items()}}}
+
+
+def test_the_fastest_candidate_ships():
+    cands = [candidate("default"), candidate("ort-defaults"), candidate("per-channel")]
+    chosen, why = quantize.choose_candidate(cands, speed(**{"default": (0.5, 5.0), "ort-defaults": (0.6, 6.0),
+                                                           "per-channel": (0.4, 4.5)}), 0.05)
+    assert chosen.recipe == "per-channel" and "per-channel" in why
+
+
+def test_a_candidate_slower_than_ort_defaults_at_one_batch_never_ships():
+    # "default" has the best geometric mean but is 20% slower than ORT's defaults at batch 1.
+    cands = [candidate("default"), candidate("ort-defaults")]
+    table = speed(**{"default": (0.6, 2.0), "ort-defaults": (0.5, 6.0)})
+    assert quantize.choose_candidate(cands, table, 0.05)[0].recipe == "ort-defaults"
+    # Negative control: with a tolerance wide enough to call 20% noise, the better geometric mean wins.
+    assert quantize.choose_candidate(cands, table, 0.25)[0].recipe == "default"
+
+
+def test_failed_candidates_are_never_chosen_and_without_ort_defaults_all_passing_are_eligible():
+    cands = [candidate("default"), candidate("ort-defaults", passed=False), candidate("per-channel", passed=False)]
+    chosen, _ = quantize.choose_candidate(cands, speed(default=(0.9, 9.0)), 0.05)
+    assert chosen.recipe == "default"
+
+
+def test_recipes_default_to_all_only_when_the_speed_check_can_tell_them_apart():
+    assert quantize.recipes_to_try(QuantizeConfig()) == tuple(quantize.RECIPES)
+    assert quantize.recipes_to_try(QuantizeConfig(speed_check=False)) == ("default",)
+    assert quantize.recipes_to_try(QuantizeConfig(mode="dynamic")) == ("default",)
+    assert quantize.recipes_to_try(QuantizeConfig(recipes=("ort-defaults",))) == ("ort-defaults",)
+    with pytest.raises(ValueError, match="unknown int8 recipe"):
+        QuantizeConfig(recipes=("fastest",))
+
+
+def test_ort_defaults_is_onnxruntimes_own_default_recipe():
+    config = quantize.recipe_config(QuantizeConfig(per_channel=True, keep_first_conv_fp32=True), "ort-defaults")
+    assert (config.format, config.activation_type, config.weight_type, config.per_channel) == ("qdq", "int8", "int8", False)
+    assert config.keep_first_conv_fp32 is False and config.disabled_optimizers == () and config.pre_process
+    assert config.max_accuracy_drop == QuantizeConfig().max_accuracy_drop  # the gate is the same for every recipe
+
+
+def test_candidate_records_list_every_recipe_with_ratios_to_fp32_and_ort_defaults():
+    cands = [candidate("default"), candidate("ort-defaults"), candidate("per-channel", passed=False)]
+    rows = quantize.candidate_records(cands, speed(**{"default": (0.5, 5.0), "ort-defaults": (0.6, 6.0)}), "default", False)
+    assert [r["recipe"] for r in rows] == ["default", "ort-defaults", "per-channel"]
+    assert rows[0]["shipped"] and rows[0]["latency"]["batch_1"] == {"ms": 0.5, "ratio_to_fp32": 0.5,
+                                                                    "ratio_to_ort_defaults": pytest.approx(0.8333, abs=1e-4)}
+    assert not rows[2]["passed"] and rows[2]["error"] and "latency" not in rows[2]
