@@ -146,7 +146,9 @@ def _result(**overrides) -> dict:
               "fp32 batch-1 p50 / empty-run floor": 3.0, "ORT fp32 / torch eager speed, batch 1": 6.0}
     default = {"ratios": {**ratios, **overrides}, "accuracy": {"drop_points": 0.0}}
     wide = {"ratios": {"int8/fp32 throughput, batch 256": overrides.get("wide", 2.6)}}
-    return {"runs": {"default": default, "wide": wide}}
+    peers = {"ratios": {"best peer p50 / recommended p50, batch 1": overrides.get("peer 1", 1.1),
+                        "best peer p50 / recommended p50, batch 256": overrides.get("peer 256", 1.0)}}
+    return {"runs": {"default": default, "wide": wide}, "peers": peers}
 
 
 def test_acceptance_passes_and_fails_on_the_right_side_of_each_target():
@@ -157,6 +159,10 @@ def test_acceptance_passes_and_fails_on_the_right_side_of_each_target():
     assert failing["fp32 batch-1 p50 / empty-run floor"] is False
     assert failing["wide int8/fp32 throughput, batch 256"] is False
     assert failing["ORT fp32 / torch eager speed, batch 1"] is True
+    # Peers: the ratio is the best peer's p50 over the recommendation's, so below 1.0 the peer was faster.
+    peer = {row["check"]: row["pass"] for row in bench.acceptance(_result(**{"peer 1": 0.95}))}
+    assert peer["recommended deployment vs best peer, batch 1 (peer p50 / ours)"] is False
+    assert peer["recommended deployment vs best peer, batch 256 (peer p50 / ours)"] is True
     # Exactly at the target passes (>= and <=).
     edge = {row["check"]: row["pass"] for row in bench.acceptance(_result(**{"int8 p50 / fp32 p50, batch 1": 1.0}))}
     assert edge["default int8 p50 / fp32 p50, batch 1"] is True
