@@ -51,6 +51,8 @@ def export(
     disable_optimizers: q.DisableOptimizers = None,
     speed_check: q.SpeedCheck = True,
     speed_batch: q.SpeedBatch = 256,
+    recipes: q.Recipes = "",
+    keep_candidates: q.KeepCandidates = False,
     fp16: q.Fp16 = False,
     mc_dropout: m.McDropout = False,
     mc_samples: m.McSamples = 32,
@@ -78,7 +80,7 @@ def export(
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
                                              exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
-                                             speed_batch, fp16)
+                                             speed_batch, fp16, recipes, keep_candidates)
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")

@@ -41,6 +41,12 @@ DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
     "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
 SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
 SpeedBatch = Annotated[int, typer.Option("--speed-batch", help="Large batch of the speed check.")]
+Recipes = Annotated[str, typer.Option(
+    "--recipes", help="int8 recipes to build, gate on validation and time against each other; the fastest passing one "
+                      "ships: default, ort-defaults, per-channel, qoperator-u8s8, float-gemm-outputs, comma-separated, "
+                      "or 'all' (default: all with the speed check, else the configured recipe only).")]
+KeepCandidates = Annotated[bool, typer.Option(
+    "--keep-candidates", help="Keep the int8 candidates not shipped as model.int8.<recipe>.onnx (not run artifacts).")]
 Fp16 = Annotated[bool, typer.Option("--fp16",
                                      help="Also write model.fp16.onnx (for GPU targets), checked for parity and accuracy.")]
 
@@ -50,7 +56,7 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
             calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
             exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool | None = None,
             disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
-            fp16: bool = False):
+            fp16: bool = False, recipes: str = "", keep_candidates: bool = False):
     """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
     from pipeline.config import Fp16Config, QuantizeConfig
 
@@ -60,8 +66,18 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
                             max_accuracy_drop=max_accuracy_drop, max_excluded_nodes=max_excluded_nodes,
                             nodes_to_exclude=tuple(exclude_nodes or ()), keep_first_conv_fp32=keep_first_conv_fp32,
                             disabled_optimizers=tuple(disable_optimizers or QuantizeConfig.disabled_optimizers),
-                            speed_check=speed_check, speed_batch=speed_batch)
+                            speed_check=speed_check, speed_batch=speed_batch, recipes=_recipes(recipes),
+                            keep_candidates=keep_candidates)
     return config, (Fp16Config() if fp16 else None)
+
+
+def _recipes(text: str) -> tuple[str, ...] | None:
+    from pipeline.config import QUANT_RECIPES
+
+    names = [part for part in text.replace(" ", "").split(",") if part]
+    if not names:
+        return None
+    return QUANT_RECIPES if names == ["all"] else tuple(names)
 
 
 def follow_up(run_dir: Path, config, fp16_config) -> dict:
@@ -132,6 +148,8 @@ def quantize(
     disable_optimizers: DisableOptimizers = None,
     speed_check: SpeedCheck = True,
     speed_batch: SpeedBatch = 256,
+    recipes: Recipes = "",
+    keep_candidates: KeepCandidates = False,
     fp16: Fp16 = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -143,5 +161,6 @@ def quantize(
     """
     config, fp16_config = configs(dynamic, method, format, per_channel, activation_type, weight_type, calibration_samples,
                                   calibration_seed, max_accuracy_drop, max_excluded_nodes, exclude_nodes,
-                                  keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16)
+                                  keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16,
+                                  recipes, keep_candidates)
     run(run_dir, config, fp16_config, as_json)
