@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench bench-peers lint clean
 
 install: $(STAMP)
 
@@ -23,8 +23,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# BENCH_ARGS=--quick (60 s of timing) or --peers-only; peers that need OpenVINO/NNCF are skipped with one line
+# unless `make bench-peers` installed the optional extra (never a core dependency).
 bench: install
-	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench.py $(BENCH_ARGS)
+
+bench-peers: install
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench-peers]'
+	$(BIN)/python tools/bench.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check pipeline tests tools

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import deployments, engines, quantize, runtime
+from pipeline import bench, deployments, engines, quantize, runtime
 from pipeline.bench import OnnxTarget
 from pipeline.config import BenchConfig
 from pipeline.timing import TimingPlan, summarize, time_interleaved
@@ -115,10 +115,20 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
     with tempfile.TemporaryDirectory(prefix="peers-", dir=folder) as tmp:
         work = Path(tmp)
         peers = {**_ort_peers(fp32, data["calibration"], work, shape), **_openvino_peers(fp32, data["calibration"], work, shape)}
-        contenders = {**_pipeline_targets(run, manifest, shape), **peers}
+        ours = _pipeline_targets(run, manifest, shape)
         x_test, y_test = data["x_test"], data["y_test"]
-        reference = _outputs(contenders["pipeline fp32 (ORT)"], x_test).argmax(1)
+        fp32_logits = _outputs(ours["pipeline fp32 (ORT)"], x_test)
+        reference = fp32_logits.argmax(1)
         fp32_accuracy = float(np.mean(reference == y_test))
+        # The pipeline's pairs pass the same agreement check as in `pipeline bench` before they are timed.
+        check = engines.Reference(x_test, fp32_logits, float(manifest["artifacts"]["fp32"]["verification"]["tolerance"]),
+                                  "the run's test split, ONNX Runtime fp32")
+        kept, held, checks = bench.vet_engines(list(ours.values()), check)
+        for name, target in list(ours.items()):
+            if id(target) in held:
+                say(f"peers: {name} not timed: {held[id(target)][1]}")
+                del ours[name]
+        contenders = {**ours, **peers}
         rows: dict = {}
         for name, target in contenders.items():
             predictions = _outputs(target, x_test).argmax(1)
@@ -128,7 +138,7 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                           "test_accuracy": accuracy, "drop_points": drop,
                           "agreement_with_fp32": float(np.mean(predictions == reference)),
                           "passes_gate": drop <= MAX_DROP_POINTS + 1e-9}
-        result: dict = {"calibration": data["calibration_source"], "test_images": int(len(y_test)),
+        result: dict = {"agreement_checks": checks, "calibration": data["calibration_source"], "test_images": int(len(y_test)),
                         "fp32_test_accuracy": fp32_accuracy, "max_drop_points": MAX_DROP_POINTS,
                         "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}}
         plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
