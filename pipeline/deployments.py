@@ -14,6 +14,7 @@ the older one. `recommended` stays the one answer for readers that want one. Rea
 one they run (the smallest entry when they run below every measured size), and fall back to ONNX
 Runtime with a one-line note when the entry's engine is not installed where they run.
 
+The record is `pipeline.manifest.Deployment` (the typed schema); this module chooses and merges them.
 Imports no torch and no engine.
 """
 
@@ -22,10 +23,12 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from pipeline.manifest import Deployment
 
 MEASURED_BY = ("export speed check", "bench")
-FIELDS = ("batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host", "measured", "created")
+"""The two stages that write deployments (`Deployment.measured`)."""
 
 
 def host() -> dict:
@@ -33,48 +36,11 @@ def host() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count()}
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One measured batch size's recommendation."""
-
-    batch: int
-    artifact: str
-    engine: str
-    provider: str
-    threads: int | None
-    p50_ms: float
-    ratio_to_fp32: float | None
-    """p50 of this deployment / p50 of fp32 under ONNX Runtime, timed in the same interleaved group."""
-    host: dict
-    measured: str
-    created: str
-
-    def __post_init__(self) -> None:
-        problems = [message for ok, message in (
-            (isinstance(self.batch, int) and self.batch >= 1, f"batch must be a positive integer, got {self.batch!r}"),
-            (bool(self.artifact), "artifact must be named"),
-            (bool(self.engine), "engine must be named"),
-            (self.p50_ms >= 0, f"p50_ms must be >= 0, got {self.p50_ms}"),
-            (self.measured in MEASURED_BY, f"measured must be one of {MEASURED_BY}, got {self.measured!r}"),
-            (set(self.host) >= {"machine", "processor", "cpu_count"}, f"host lacks fields: {self.host}"),
-        ) if not ok]
-        if problems:
-            raise ValueError("deployment: " + "; ".join(problems))
-
-    @classmethod
-    def from_dict(cls, record: dict) -> Deployment:
-        missing = [name for name in FIELDS if name not in record]
-        if missing:
-            raise ValueError(f"deployment record lacks {', '.join(missing)}: {record}")
-        return cls(**{name: record[name] for name in FIELDS})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def read(manifest: dict) -> list[Deployment]:
     """The manifest's deployments, by batch size; [] when it has none."""
-    return sorted((Deployment.from_dict(r) for r in manifest.get("deployments") or []), key=lambda d: d.batch)
+    entries = manifest.get("deployments") or []
+    return sorted((Deployment.from_dict(r, f"manifest.deployments[{i}]") for i, r in enumerate(entries)),
+                  key=lambda d: d.batch)
 
 
 def merged(existing: Iterable[dict], new: Iterable[Deployment]) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import deployments
-from pipeline.deployments import Deployment
+from pipeline.manifest import Deployment, ManifestError
 
 HOST = {"machine": "x86_64", "processor": None, "cpu_count": 2}
 
@@ -27,10 +27,10 @@ def test_the_record_has_exactly_the_documented_fields():
     record = Deployment.from_dict(entry(1)).to_dict()
     assert list(record) == ["batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host",
                             "measured", "created"]
-    with pytest.raises(ValueError, match="measured"):
-        Deployment.from_dict(entry(1, measured="guess"))
-    with pytest.raises(ValueError, match="lacks host"):
-        Deployment.from_dict({k: v for k, v in entry(1).items() if k != "host"})
+    with pytest.raises(ManifestError, match="unknown field"):
+        Deployment.from_dict({**entry(1), "latency": 1.0})
+    with pytest.raises(ManifestError, match="expected int"):
+        deployments.read(manifest({**entry(1), "batch": "one"}))
 
 
 @pytest.mark.parametrize(("batch", "expected"), [(1, 1), (16, 1), (255, 32), (256, 256), (10_000, 256)])
