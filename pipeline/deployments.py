@@ -36,6 +36,13 @@ def host() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count()}
 
 
+def _default_threads() -> int:
+    """The intra-op threads ONNX Runtime used when none were set: one per usable core (what bench calls all cores)."""
+    from pipeline.bench import usable_cores
+
+    return usable_cores()
+
+
 def read(manifest: dict) -> list[Deployment]:
     """The manifest's deployments, by batch size; [] when it has none."""
     entries = manifest.get("deployments") or []
@@ -118,3 +125,22 @@ def from_records(records: Iterable[dict], measured: str, created: str, host_reco
                               ratio_to_fp32=round(r["latency_ms"]["p50"] / base, 4) if base else None,
                               host=host_record or host(), measured=measured, created=created))
     return out
+
+
+def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> list[Deployment]:
+    """Per batch size of an export speed check (`quantize.speed_check`: "batch_N" -> {"<name>_ms"}), the fastest
+    of `artifacts` (ONNX Runtime, CPU, the check's threads) with its p50 over fp32's."""
+    out = []
+    for key, entry in speed.items():
+        if not key.startswith("batch_"):
+            continue
+        timed = {name: entry[f"{name}_ms"] for name in artifacts if f"{name}_ms" in entry}
+        if not timed:
+            continue
+        name = min(timed, key=timed.get)
+        fp32 = entry.get("fp32_ms")
+        out.append(Deployment(batch=int(key.removeprefix("batch_")), artifact=name, engine="onnxruntime", provider="cpu",
+                              threads=speed.get("threads") or _default_threads(), p50_ms=timed[name],
+                              ratio_to_fp32=round(timed[name] / fp32, 4) if fp32 else None, host=host(),
+                              measured="export speed check", created=created))
+    return sorted(out, key=lambda d: d.batch)

@@ -473,6 +473,18 @@ def speed_plan(config: QuantizeConfig) -> TimingPlan:
                       rounds=config.speed_rounds, time_limit=max(20.0, 2 * config.speed_seconds * config.speed_rounds))
 
 
+def speed_alias(speed: dict, name: str, alias: str) -> dict:
+    """`speed` with `name`'s latencies and ratios also under `alias` (the shipped candidate under its artifact name)."""
+    out = {}
+    for key, entry in speed.items():
+        if key.startswith("batch_") and f"{name}_ms" in entry:
+            entry = {**entry, f"{alias}_ms": entry[f"{name}_ms"], **({f"{alias}_ratio": entry[f"{name}_ratio"]}
+                                                                     if f"{name}_ratio" in entry else {})}
+            entry["runs"] = {**entry.get("runs", {}), alias: entry.get("runs", {}).get(name)}
+        out[key] = entry
+    return out
+
+
 def slower_batches(speed: dict, name: str, tolerance: float) -> list[tuple[str, float]]:
     """The batches at which `name` is slower than the baseline by more than `tolerance`, with the ratio."""
     return [(key, entry[f"{name}_ratio"]) for key, entry in speed.items()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import artifacts
+from pipeline import artifacts, deployments
 from pipeline import manifest as schema
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 
@@ -261,6 +261,7 @@ def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[s
             (run_dir / m["artifacts"].pop(name)["file"]).unlink(missing_ok=True)
         m.setdefault("artifacts", {})["fp32"] = record
         m["export"] = export_section
+        m.pop("deployments", None)  # measured on the files just replaced
         if m.get("recommended") not in m["artifacts"]:
             m["recommended"] = "fp32"
 
@@ -429,10 +430,13 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     """Build `model.<variant>.onnx` (int8) from the run's fp32 artifact, gated on validation accuracy, and record it.
 
     fp32 file (sha256 checked against the manifest) -> calibration sample of the training split
-    -> `quantize.quantize_gated` on the validation split (writes the file only when it passes)
-    -> optional fp16 variant, gated on the validation split -> speed check against fp32 on this
-    host -> test accuracy of each shipped file, measured once after every choice -> manifest
-    records, the "variants" table and `recommended` (int8 only when it is not slower than fp32 here). `config` is a
+    -> one int8 candidate per recipe (`quantize.recipes_to_try`), each through `quantize.quantize_gated`
+    on the validation split -> optional fp16 variant, gated on the validation split -> one speed check
+    of fp32, every passing candidate and fp16 on this host -> the fastest candidate never slower than
+    ORT's default recipe ships as `model.<variant>.onnx` (`quantize.choose_candidate`) -> test accuracy
+    of each shipped file, measured once after every choice -> manifest records (the int8 record lists
+    every candidate), the "variants" table, `recommended` (int8 only when it is not slower than fp32
+    here) and `deployments` per measured batch size. `config` is a
     `QuantizeConfig`, `fp16_config` an `Fp16Config` or None. `calibration` overrides the
     calibration images (preprocessed N x C x H x W float32), e.g. a user's representative set.
     Imports no torch.
@@ -467,11 +471,14 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
 
     variant = config.artifact
     target = run_dir / f"model.{variant}.onnx"
-    step(f"quantize ({config.mode}{'' if config.mode == 'dynamic' else ' ' + config.format}, {config.method}) and gate")
-    result = quantize.quantize_gated(fp32_path, target, config, calibration if config.mode == "static" else None,
-                                     probe, x_val, splits.y_val, fp32_runtime)
+    # Recipes searched, not fixed: every candidate is gated on the validation split; the passing ones are
+    # timed against each other (and fp32, fp16) in one speed check and the fastest ships as `target`.
+    candidates = quantize.build_candidates(
+        fp32_path, run_dir, config, calibration if config.mode == "static" else None, probe, x_val, splits.y_val,
+        fp32_runtime, on_recipe=lambda name: step(f"int8 candidate {name}: quantize and gate on validation"))
+    passed = [c for c in candidates if c.passed]
     warnings: list[str] = []
-    models = {"fp32": (fp32_path, fp32_runtime), variant: (target, result.runtime)}
+    models = {"fp32": (fp32_path, fp32_runtime), **{c.recipe: (c.path, c.result.runtime) for c in passed}}
 
     fp16_result = None
     if fp16_config is not None:
@@ -482,26 +489,37 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
 
     speed = None
     if config.speed_check:
-        step("speed check against fp32 on this host")
+        step(f"speed check: fp32 and {len(models) - 1} candidate(s), interleaved, on this host")
         speed = quantize.speed_check(models, x_val, config)  # timing only: no label is read
-        for name in models:
-            if name == "fp32":
-                continue
-            slower = quantize.slower_batches(speed, name, config.speed_tolerance)
-            if slower and name != "fp16":
-                warnings.append(f"{name} is SLOWER than fp32 on this host: "
-                                + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
-                                + f" (threads {config.threads or 'default'}); fp32 stays recommended")
+    chosen, choice_reason = quantize.choose_candidate(candidates, speed, config.speed_tolerance)
+    result = chosen.result
+    chosen.path.replace(target)  # the shipped int8 is the chosen candidate's bytes, under the artifact's name
+    for c in candidates:
+        if c is not chosen and not (config.keep_candidates and c.passed):
+            c.path.unlink(missing_ok=True)
+    if speed is not None:
+        speed = quantize.speed_alias(speed, chosen.recipe, variant)
+        slower = quantize.slower_batches(speed, variant, config.speed_tolerance)
+        if slower:
+            warnings.append(f"{variant} is SLOWER than fp32 on this host: "
+                            + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
+                            + f" (threads {config.threads or 'default'}); fp32 stays recommended")
+    shipped = {"fp32": models["fp32"], variant: (target, result.runtime)}
+    if fp16_result is not None:
+        shipped["fp16"] = models["fp16"]
+    models = shipped
 
     # Every choice is made: measure the test split once per shipped file. Nothing below feeds back.
     step("test accuracy of the shipped files (once, after every choice)")
     fp32_test = quantize.score(fp32_path, fp32_runtime, x_test, splits.y_test, None)[0]
     tested = {name: quantize.score(path, settings, x_test, splits.y_test, fp32_test.predictions)[0]
               for name, (path, settings) in models.items() if name != "fp32"}
-    record = _derived_record(result.path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime,
+    record = _derived_record(target, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime,
                              tested[variant])
-    record["quantization"] = {**quantize.config_record(config), "calibration_source": calibration_source,
-                              "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded)}
+    record["quantization"] = {**quantize.config_record(chosen.config), "calibration_source": calibration_source,
+                              "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded),
+                              "recipe": chosen.recipe, "recipe_choice": choice_reason,
+                              "candidates": quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates)}
     record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
     record["latency"] = _latency_for(speed, variant)
     records = {variant: record}
@@ -513,14 +531,20 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
         fp16_record["verification"] = fp16_result.verification()
         fp16_record["latency"] = _latency_for(speed, "fp16")
         records["fp16"] = fp16_record
+    new_deployments = []
     if speed is not None:
         for entry in records.values():
-            entry["latency"]["host"] = _host()
+            entry["latency"]["host"] = deployments.host()
+        new_deployments = deployments.from_speed_check(speed, ("fp32", variant), artifacts.now_iso())
 
     outcome: dict = {}
 
     def change(m: dict) -> None:
         m.setdefault("artifacts", {}).update(records)
+        # Measurements of the files just replaced are stale: the export's speed check starts the list again.
+        kept = [d for d in m.pop("deployments", None) or [] if d["artifact"] not in records]
+        if kept or new_deployments:
+            m["deployments"] = deployments.merged(kept, new_deployments)
         m["recommended"], m["recommended_reason"] = _recommend(m["artifacts"], config.speed_tolerance)
         m["variants"] = _variants_table(m["artifacts"])
         outcome.update(recommended=m["recommended"], reason=m["recommended_reason"], variants=m["variants"])
@@ -557,13 +581,6 @@ def _latency_for(speed: dict | None, name: str) -> dict:
         if key.startswith("batch_") and f"{name}_ms" in entry:
             result[key] = {"fp32_ms": entry["fp32_ms"], "ms": entry[f"{name}_ms"], "ratio": entry[f"{name}_ratio"]}
     return result
-
-
-def _host() -> dict:
-    import os
-    import platform
-
-    return {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count()}
 
 
 def _recommend(records: dict, tolerance: float) -> tuple[str, str]:

@@ -77,3 +77,64 @@ def test_candidate_records_list_every_recipe_with_ratios_to_fp32_and_ort_default
     assert rows[0]["shipped"] and rows[0]["latency"]["batch_1"] == {"ms": 0.5, "ratio_to_fp32": 0.5,
                                                                     "ratio_to_ort_defaults": pytest.approx(0.8333, abs=1e-4)}
     assert not rows[2]["passed"] and rows[2]["error"] and "latency" not in rows[2]
+
+
+def test_a_failing_recipe_is_listed_with_its_numbers_and_all_failing_raises_the_gate_error(monkeypatch, tmp_path):
+    def gated(fp32_path, out_path, config, *rest):
+        if config.per_channel:
+            raise quantize.AccuracyGateError("per-channel lost 2 points", 0.98, 0.96, 2.0, 0.97, ("conv1",))
+        return Passed()
+
+    monkeypatch.setattr(quantize, "quantize_gated", gated)
+    config = QuantizeConfig(recipes=("default", "per-channel"))
+    found = quantize.build_candidates(Path("m.onnx"), tmp_path, config, None, None, None, None)
+    assert [(c.recipe, c.passed) for c in found] == [("default", True), ("per-channel", False)]
+    assert found[1].numbers["drop_points"] == 2.0 and found[1].numbers["excluded_nodes"] == ["conv1"]
+    with pytest.raises(quantize.AccuracyGateError, match="lost 2 points") as info:
+        quantize.build_candidates(Path("m.onnx"), tmp_path, QuantizeConfig(recipes=("per-channel",)), None, None, None, None)
+    assert info.value.drop_points == 2.0
+
+
+def test_a_recipe_equal_to_the_configured_one_is_built_once(monkeypatch, tmp_path):
+    built = []
+    monkeypatch.setattr(quantize, "quantize_gated", lambda fp32, out, config, *rest: built.append(out.name) or Passed())
+    quantize.build_candidates(Path("m.onnx"), tmp_path, QuantizeConfig(per_channel=True, recipes=("default", "per-channel")),
+                              None, None, None, None)
+    assert built == ["model.int8.default.onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [False, True])
+def test_export_searches_recipes_ships_one_and_records_every_candidate(exported_run, keep):
+    from pipeline import artifacts
+    from pipeline.workflow import quantize_run
+
+    config = QuantizeConfig(speed_seconds=0.02, speed_rounds=1, speed_batch=32, recipes=("default", "ort-defaults"),
+                            keep_candidates=keep)
+    quantize_run(exported_run, config)
+    manifest = artifacts.read_manifest(exported_run)
+    recipe = manifest["artifacts"]["int8"]["quantization"]
+    rows = {c["recipe"]: c for c in recipe["candidates"]}
+    assert set(rows) == {"default", "ort-defaults"} and [c["shipped"] for c in rows.values()].count(True) == 1
+    assert recipe["recipe"] in rows and rows[recipe["recipe"]]["shipped"]
+    for row in rows.values():
+        assert row["passed"] and 0 <= row["validation_accuracy"] <= 1 and 0 <= row["agreement"] <= 1
+        assert set(row["latency"]) == {"batch_1", "batch_32"}
+        assert all({"ms", "ratio_to_fp32", "ratio_to_ort_defaults"} <= set(v) for v in row["latency"].values())
+    # The shipped file is the chosen candidate's: its quantization metadata names that recipe's activation type.
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(exported_run / "model.int8.onnx")).metadata_props}
+    activation = "int8" if recipe["recipe"] == "ort-defaults" else "uint8"
+    assert f"a={activation} " in meta["pipeline.quantization"] and recipe["activation_type"] == activation
+    other = next(name for name in rows if name != recipe["recipe"])
+    leftovers = sorted(p.name for p in exported_run.glob("model.int8.*.onnx"))
+    assert leftovers == ([f"model.int8.{other}.onnx"] if keep else [])
+    assert ("file" in rows[other]) is keep and set(manifest["artifacts"]) == {"fp32", "int8"}
+    # One deployment per measured batch size, in exactly the documented shape.
+    assert [d["batch"] for d in manifest["deployments"]] == [1, 32]
+    for d in manifest["deployments"]:
+        assert list(d) == ["batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host",
+                           "measured", "created"]
+        assert d["artifact"] in ("fp32", "int8") and d["engine"] == "onnxruntime" and d["measured"] == "export speed check"
+        assert d["threads"] >= 1 and set(d["host"]) == {"machine", "processor", "cpu_count"}

@@ -122,6 +122,14 @@ def show(result) -> None:
     kept = gate["excluded_nodes"]
     console.print(f"{result.variant}: accuracy drop {gate['drop_points']:.2f} points (gate {gate['max_accuracy_drop']:.2f}), "
                   f"{len(kept)} node(s) kept in fp32{': ' + ', '.join(kept) if kept else ''}")
+    recipe = result.record.get("quantization", {})
+    if len(recipe.get("candidates", [])) > 1:
+        rows = []
+        for c in recipe["candidates"]:
+            ratios = " / ".join(f"{v['ratio_to_fp32']:.2f}x" for v in (c.get("latency") or {}).values())
+            rows.append(f"{c['recipe']}{' *' if c['shipped'] else ''} "
+                        + (f"({ratios or 'not timed'})" if c["passed"] else "(failed its gate)"))
+        console.print(f"int8 recipes (latency vs fp32 per batch, * shipped): {', '.join(rows)}")
     for warning in result.warnings:
         console.print(f"[bold red]WARNING: {warning}[/bold red]")
     console.print(f"recommended: [bold]{result.recommended}[/bold] ({result.recommended_reason})")
