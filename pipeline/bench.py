@@ -316,10 +316,7 @@ def vet_engines(targets: Sequence, reference: engines.Reference | None) -> tuple
             held[id(target)] = ("refused", f"{target.engine} needs the agreement check on real test images: "
                                            "bench it with --run RUN", {})
             continue
-        try:
-            check = engines.check_agreement(target, reference)
-        except (PipelineError, RuntimeError, ValueError) as exc:
-            check = {"passed": False, "check": "run", "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        check = engines.checked(target, reference)
         checks.append({"artifact": target.name, "engine": target.engine, **check})
         if check["passed"]:
             keep.append(target)

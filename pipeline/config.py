@@ -543,10 +543,15 @@ class QuantizeConfig:
     fastest passing one ships. None: all of them when the speed check runs, else only `default` (this config)."""
     keep_candidates: bool = False
     """Keep the candidates that were not shipped as `model.<variant>.<recipe>.onnx` (not artifacts of the run)."""
+    engines: tuple[str, ...] | None = None
+    """Engines the speed check times the candidates under (each pair checked on validation images first);
+    None: ONNX Runtime and OpenVINO where it is installed. The deployments name the fastest per batch size."""
 
     def __post_init__(self) -> None:
         _require(self.recipes is None or (len(self.recipes) >= 1 and all(r in QUANT_RECIPES for r in self.recipes)),
                  f"unknown int8 recipe in {', '.join(self.recipes or ()) or '(none)'}: choose from {', '.join(QUANT_RECIPES)}")
+        _require(self.engines is None or (len(self.engines) >= 1 and all(e in BENCH_ENGINES for e in self.engines)),
+                 f"unknown engine in {', '.join(self.engines or ()) or '(none)'}: choose from {', '.join(BENCH_ENGINES)}")
         _require(self.mode in QUANT_MODES, f"unknown quantization mode {self.mode!r}: choose one of {', '.join(QUANT_MODES)}")
         _require(self.format in QUANT_FORMATS, f"unknown quantization format {self.format!r}: choose one of {', '.join(QUANT_FORMATS)}")
         _require(self.method in CALIBRATION_METHODS,

@@ -128,19 +128,25 @@ def from_records(records: Iterable[dict], measured: str, created: str, host_reco
 
 
 def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> list[Deployment]:
-    """Per batch size of an export speed check (`quantize.speed_check`: "batch_N" -> {"<name>_ms"}), the fastest
-    of `artifacts` (ONNX Runtime, CPU, the check's threads) with its p50 over fp32's."""
+    """Per batch size of an export speed check (`quantize.speed_check`: "batch_N" -> {"<name>_ms",
+    "<name>@<engine>_ms"}), the fastest of `artifacts` on any engine timed (CPU, the check's threads),
+    with its p50 over fp32's on ONNX Runtime."""
     out = []
     for key, entry in speed.items():
         if not key.startswith("batch_"):
             continue
-        timed = {name: entry[f"{name}_ms"] for name in artifacts if f"{name}_ms" in entry}
+        timed = {}
+        for name in artifacts:
+            if f"{name}_ms" in entry:
+                timed[(name, "onnxruntime")] = entry[f"{name}_ms"]
+            timed.update({(name, k[len(name) + 1:-3]): v for k, v in entry.items()
+                          if k.startswith(name + "@") and k.endswith("_ms")})
         if not timed:
             continue
-        name = min(timed, key=timed.get)
+        (name, engine) = min(timed, key=timed.get)
         fp32 = entry.get("fp32_ms")
-        out.append(Deployment(batch=int(key.removeprefix("batch_")), artifact=name, engine="onnxruntime", provider="cpu",
-                              threads=speed.get("threads") or _default_threads(), p50_ms=timed[name],
-                              ratio_to_fp32=round(timed[name] / fp32, 4) if fp32 else None, host=host(),
+        out.append(Deployment(batch=int(key.removeprefix("batch_")), artifact=name, engine=engine, provider="cpu",
+                              threads=speed.get("threads") or _default_threads(), p50_ms=timed[(name, engine)],
+                              ratio_to_fp32=round(timed[(name, engine)] / fp32, 4) if fp32 else None, host=host(),
                               measured="export speed check", created=created))
     return sorted(out, key=lambda d: d.batch)

@@ -198,6 +198,16 @@ def full_precision(target) -> bool:
     return bool(explicit) if explicit is not None else target.kind in FULL_PRECISION_KINDS
 
 
+def checked(target, reference: Reference) -> dict:
+    """`check_agreement`, with a pair the engine cannot load or run recorded as failed (with the reason), not raised."""
+    from pipeline.errors import PipelineError
+
+    try:
+        return check_agreement(target, reference)
+    except (PipelineError, RuntimeError, ValueError) as exc:
+        return {"passed": False, "check": "run", "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+
+
 def check_agreement(target, reference: Reference, outputs: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """{"passed", "check", numbers...}: the pair's outputs on the reference images against ORT fp32."""
     started = time.perf_counter()

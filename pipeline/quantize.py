@@ -441,11 +441,14 @@ def structure_report(model: onnx.ModelProto, prepared: onnx.ModelProto, excluded
 # --- speed -----------------------------------------------------------------------------------
 
 
-def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: QuantizeConfig) -> dict:
+def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: QuantizeConfig,
+                other_engines: dict | None = None) -> dict:
     """p50 latency of each model at batch 1 and `config.speed_batch`, through the one timing harness.
 
-    `models` maps a name ("fp32" first) to (path, runtime settings). Every batch size is one
-    `time_interleaved` call over all the models (rounds interleaved, order reversed on odd rounds).
+    `models` maps a name ("fp32" first) to (path, runtime settings), run by ONNX Runtime.
+    `other_engines` maps "<name>@<engine>" to a target of another engine (`engines.OpenVinoTarget`,
+    already through its agreement check), timed in the same groups. Every batch size is one
+    `time_interleaved` call over all of them (rounds interleaved, order reversed on odd rounds).
     Returns {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ...}, "batch_<N>": {...}, ...}.
     """
     sessions = {name: runtime.create_session(Path(path), settings, threads=config.threads)
@@ -456,6 +459,8 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
     for batch in (1, config.speed_batch):
         inputs = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
         slots = {name: runtime.session_slot(session, inputs) for name, session in sessions.items()}
+        slots.update({key: target.open("cpu", batch, config.threads, None, inputs)
+                      for key, target in (other_engines or {}).items()})
         time_interleaved(list(slots.values()), plan)
         entry = {f"{name}_ms": round(summarize(slot.latencies_ns, batch)["latency_ms"]["p50"], 4)
                  for name, slot in slots.items()}
@@ -474,12 +479,15 @@ def speed_plan(config: QuantizeConfig) -> TimingPlan:
 
 
 def speed_alias(speed: dict, name: str, alias: str) -> dict:
-    """`speed` with `name`'s latencies and ratios also under `alias` (the shipped candidate under its artifact name)."""
+    """`speed` with `name`'s latencies and ratios (under every engine: `name`, `name@engine`) also under `alias`."""
     out = {}
     for key, entry in speed.items():
-        if key.startswith("batch_") and f"{name}_ms" in entry:
-            entry = {**entry, f"{alias}_ms": entry[f"{name}_ms"], **({f"{alias}_ratio": entry[f"{name}_ratio"]}
-                                                                     if f"{name}_ratio" in entry else {})}
+        if key.startswith("batch_"):
+            entry = dict(entry)
+            for field_name in list(entry):
+                base, _, suffix = field_name.rpartition("_")
+                if suffix in ("ms", "ratio") and (base == name or base.startswith(name + "@")):
+                    entry[f"{alias}{base[len(name):]}_{suffix}"] = entry[field_name]
             entry["runs"] = {**entry.get("runs", {}), alias: entry.get("runs", {}).get(name)}
         out[key] = entry
     return out
@@ -595,41 +603,57 @@ def _gate_numbers(candidate: Candidate) -> dict:
             "drop_points": n["drop_points"], "agreement": n["agreement"], "excluded": tuple(n["excluded_nodes"])}
 
 
+def best_engine_ms(entry: dict, name: str) -> tuple[float, str]:
+    """(p50 ms, engine) of `name`'s fastest engine in one speed-check entry ("<name>_ms" is ONNX Runtime)."""
+    timed = {"onnxruntime": entry[f"{name}_ms"]} if f"{name}_ms" in entry else {}
+    timed.update({key[len(name) + 1:-3]: value for key, value in entry.items()
+                  if key.startswith(name + "@") and key.endswith("_ms")})
+    engine = min(timed, key=timed.get)
+    return timed[engine], engine
+
+
 def choose_candidate(candidates: Sequence[Candidate], speed: dict | None, tolerance: float) -> tuple[Candidate, str]:
     """(the candidate to ship, why): the fastest passing one that is nowhere slower than ORT's defaults beyond noise.
 
     `speed` is one `speed_check` over "fp32" and every passing candidate by recipe name (one interleaved
-    call per batch size). Fastest = the lowest geometric mean of its latency ratios to fp32 over the
-    batch sizes. Eligible = within `1 + tolerance` of the `ort-defaults` candidate at every batch size,
-    so by construction the shipped int8 is never slower than ORT's default recipe beyond noise (when
-    `ort-defaults` passed its gate; otherwise every passing candidate is eligible).
+    call per batch size; other engines under "<recipe>@<engine>"). A candidate's latency at a batch
+    size is that of its fastest engine there (the manifest's deployments say which engine to run).
+    Fastest = the lowest geometric mean over the batch sizes of that latency over fp32's. Eligible =
+    within `1 + tolerance` of the `ort-defaults` candidate (also at its fastest engine) at every batch
+    size, so by construction the shipped int8 is never slower than ORT's default recipe beyond noise
+    (when `ort-defaults` passed its gate; otherwise every passing candidate is eligible).
     """
     passed = [c for c in candidates if c.passed]
     if speed is None or len(passed) == 1:
         return passed[0], "the only candidate" if len(passed) == 1 else "no speed check: the first passing recipe"
     batches = [k for k in speed if k.startswith("batch_")]
 
-    def ratio(c: Candidate, key: str) -> float:
-        return speed[key][f"{c.recipe}_ms"] / speed[key]["fp32_ms"]
+    def ms(c: Candidate, key: str) -> float:
+        return best_engine_ms(speed[key], c.recipe)[0]
 
     reference = next((c for c in passed if c.recipe == REFERENCE_RECIPE), None)
     eligible = passed
     if reference is not None:
-        eligible = [c for c in passed if all(speed[k][f"{c.recipe}_ms"] <= (1 + tolerance) * speed[k][f"{reference.recipe}_ms"]
-                                             for k in batches)]
-    score = {c.recipe: float(np.exp(np.mean([np.log(ratio(c, k)) for k in batches]))) for c in eligible}
+        eligible = [c for c in passed if all(ms(c, k) <= (1 + tolerance) * ms(reference, k) for k in batches)]
+    score = {c.recipe: float(np.exp(np.mean([np.log(ms(c, k) / speed[k]["fp32_ms"]) for k in batches]))) for c in eligible}
     chosen = min(eligible, key=lambda c: score[c.recipe])
     against = f"; within {100 * tolerance:.0f}% of {REFERENCE_RECIPE} at every batch" if reference is not None else ""
-    return chosen, (f"{chosen.recipe}: the lowest geometric-mean latency ratio to fp32 ({score[chosen.recipe]:.3f}) of "
-                    f"{len(passed)} candidate(s) that passed the validation gate{against}")
+    engines_used = ", ".join(f"{k.replace('_', ' ')} on {best_engine_ms(speed[k], chosen.recipe)[1]}" for k in batches)
+    return chosen, (f"{chosen.recipe}: the lowest geometric-mean latency ratio to fp32 ({score[chosen.recipe]:.3f}; "
+                    f"{engines_used}) of {len(passed)} candidate(s) that passed the validation gate{against}")
 
 
-def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool) -> list[dict]:
-    """The int8 record's `candidates`: every recipe with its validation numbers and latency ratios."""
+def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool,
+                      engine_checks: dict | None = None) -> list[dict]:
+    """The int8 record's `candidates`: every recipe with its validation numbers, latency ratios and, per other
+    engine, its agreement check (`engine_checks`: (recipe, engine) -> check)."""
     out = []
     for c in candidates:
         row: dict = {"recipe": c.recipe, "why": RECIPES[c.recipe].why, "overrides": _plain(RECIPES[c.recipe].overrides),
                      "passed": c.passed, "shipped": c.recipe == shipped}
+        checks = {engine: check for (recipe, engine), check in (engine_checks or {}).items() if recipe == c.recipe}
+        if checks:
+            row["engines"] = {engine: {k: v for k, v in check.items() if k != "reference"} for engine, check in checks.items()}
         if c.passed:
             row.update(validation_accuracy=c.result.accuracy, agreement=c.result.agreement,
                        drop_points=round(c.result.drop_points, 4), excluded_nodes=list(c.result.excluded))
@@ -639,10 +663,13 @@ def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipp
             row["latency"] = {}
             for key, entry in speed.items():
                 if key.startswith("batch_") and f"{c.recipe}_ms" in entry:
-                    ref = entry.get(f"{REFERENCE_RECIPE}_ms")
-                    row["latency"][key] = {"ms": entry[f"{c.recipe}_ms"],
-                                           "ratio_to_fp32": round(entry[f"{c.recipe}_ms"] / entry["fp32_ms"], 4),
-                                           **({"ratio_to_ort_defaults": round(entry[f"{c.recipe}_ms"] / ref, 4)} if ref else {})}
+                    best, engine = best_engine_ms(entry, c.recipe)
+                    ref = best_engine_ms(entry, REFERENCE_RECIPE)[0] if f"{REFERENCE_RECIPE}_ms" in entry else None
+                    row["latency"][key] = {"ms": best, "engine": engine, "ratio_to_fp32": round(best / entry["fp32_ms"], 4),
+                                           **({"ratio_to_ort_defaults": round(best / ref, 4)} if ref else {}),
+                                           "onnxruntime_ms": entry[f"{c.recipe}_ms"],
+                                           **{k[len(c.recipe) + 1:-3] + "_ms": v for k, v in entry.items()
+                                              if k.startswith(c.recipe + "@") and k.endswith("_ms")}}
         if kept and c.passed and c.recipe != shipped:
             row["file"] = c.path.name
         out.append(row)

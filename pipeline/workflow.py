@@ -487,10 +487,12 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
                                        fp32_runtime)
         models["fp16"] = (fp16_result.path, fp16_result.runtime)
 
-    speed = None
+    speed, other_engines, engine_checks = None, {}, {}
     if config.speed_check:
-        step(f"speed check: fp32 and {len(models) - 1} candidate(s), interleaved, on this host")
-        speed = quantize.speed_check(models, x_val, config)  # timing only: no label is read
+        step("candidates under the other installed engines: agreement with ONNX Runtime fp32 on validation images")
+        other_engines, engine_checks = _other_engine_pairs(passed, config, x_val, fp32_path, fp32_runtime, fp32)
+        step(f"speed check: fp32 and {len(models) - 1 + len(other_engines)} candidate pair(s), interleaved, on this host")
+        speed = quantize.speed_check(models, x_val, config, other_engines)  # timing only: no label is read
     chosen, choice_reason = quantize.choose_candidate(candidates, speed, config.speed_tolerance)
     result = chosen.result
     chosen.path.replace(target)  # the shipped int8 is the chosen candidate's bytes, under the artifact's name
@@ -519,7 +521,8 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     record["quantization"] = {**quantize.config_record(chosen.config), "calibration_source": calibration_source,
                               "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded),
                               "recipe": chosen.recipe, "recipe_choice": choice_reason,
-                              "candidates": quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates)}
+                              "candidates": quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates,
+                                                                       engine_checks)}
     record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
     record["latency"] = _latency_for(speed, variant)
     records = {variant: record}
@@ -552,6 +555,29 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     artifacts.update_manifest(run_dir, change)
     return QuantizeRun(run_dir, variant, record, records.get("fp16"), outcome["recommended"], outcome["reason"],
                        outcome["variants"], tuple(warnings))
+
+
+def _other_engine_pairs(passed, config, x_val, fp32_path: Path, fp32_runtime: dict, fp32_record: dict) -> tuple[dict, dict]:
+    """({"<recipe>@<engine>": target}, {(recipe, engine): check}): every passing candidate under each other engine
+    (config.engines, or OpenVINO where installed) that agrees with ONNX Runtime fp32 on the validation images."""
+    from pipeline import engines, runtime
+
+    names = [e for e in (config.engines or (engines.ONNXRUNTIME, "openvino")) if e != engines.ONNXRUNTIME]
+    names = [e for e in names if engines.available(e)[0]]
+    if not names or not passed:
+        return {}, {}
+    logits = runtime.run_batched(runtime.create_session(fp32_path, fp32_runtime), x_val)
+    tolerance = float((fp32_record.get("verification") or {}).get("tolerance") or 1e-4)
+    reference = engines.Reference(x_val, logits, tolerance, f"validation split, {len(x_val)} images, ONNX Runtime fp32")
+    pairs, checks = {}, {}
+    for engine in names:
+        for c in passed:
+            target = engines.OpenVinoTarget(name=c.recipe, path=c.path, kind="int8", input_shape=tuple(x_val.shape[1:]),
+                                            engine=engine)
+            checks[(c.recipe, engine)] = engines.checked(target, reference)
+            if checks[(c.recipe, engine)]["passed"]:
+                pairs[f"{c.recipe}@{engine}"] = target
+    return pairs, checks
 
 
 def _derived_record(path: Path, kind: str, parent: str, parent_record: dict, val_accuracy: float, val_agreement: float,

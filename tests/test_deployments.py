@@ -79,3 +79,11 @@ def test_from_records_picks_the_fastest_timed_deployable_pair_per_batch():
     out = deployments.from_records(records, "bench", "now", HOST)
     assert [(d.batch, d.artifact, d.engine, d.ratio_to_fp32) for d in out] == [
         (1, "int8", "onnxruntime", 0.5), (256, "int8", "openvino", 0.4)]
+
+
+def test_the_export_speed_check_names_the_fastest_artifact_and_engine_per_batch():
+    speed = {"threads": 2, "batch_1": {"fp32_ms": 0.12, "int8_ms": 0.06, "int8@openvino_ms": 0.07, "int8.default_ms": 0.01},
+             "batch_256": {"fp32_ms": 20.0, "int8_ms": 12.0, "int8@openvino_ms": 8.0}}
+    out = deployments.from_speed_check(speed, ("fp32", "int8"), "now")
+    assert [(d.batch, d.artifact, d.engine, d.threads, d.ratio_to_fp32, d.measured) for d in out] == [
+        (1, "int8", "onnxruntime", 2, 0.5, "export speed check"), (256, "int8", "openvino", 2, 0.4, "export speed check")]

@@ -48,6 +48,19 @@ def test_a_candidate_slower_than_ort_defaults_at_one_batch_never_ships():
     assert quantize.choose_candidate(cands, table, 0.25)[0].recipe == "default"
 
 
+def test_a_candidate_is_judged_at_its_fastest_engine_per_batch():
+    # ORT alone: ort-defaults is faster at both batches. With OpenVINO timing "default" at batch 256 in 2.0 ms,
+    # "default" wins: at its best engine it is nowhere slower than ort-defaults at its best.
+    cands = [candidate("default"), candidate("ort-defaults")]
+    table = speed(**{"default": (0.5, 6.0), "ort-defaults": (0.5, 5.0)})
+    assert quantize.choose_candidate(cands, table, 0.05)[0].recipe == "ort-defaults"
+    table["batch_256"]["default@openvino_ms"] = 2.0
+    chosen, why = quantize.choose_candidate(cands, table, 0.05)
+    assert chosen.recipe == "default" and "batch 256 on openvino" in why and "batch 1 on onnxruntime" in why
+    row = quantize.candidate_records(cands, table, "default", False)[0]["latency"]["batch_256"]
+    assert (row["ms"], row["engine"], row["onnxruntime_ms"], row["openvino_ms"]) == (2.0, "openvino", 6.0, 2.0)
+
+
 def test_failed_candidates_are_never_chosen_and_without_ort_defaults_all_passing_are_eligible():
     cands = [candidate("default"), candidate("ort-defaults", passed=False), candidate("per-channel", passed=False)]
     chosen, _ = quantize.choose_candidate(cands, speed(default=(0.9, 9.0)), 0.05)
@@ -74,8 +87,9 @@ def test_candidate_records_list_every_recipe_with_ratios_to_fp32_and_ort_default
     cands = [candidate("default"), candidate("ort-defaults"), candidate("per-channel", passed=False)]
     rows = quantize.candidate_records(cands, speed(**{"default": (0.5, 5.0), "ort-defaults": (0.6, 6.0)}), "default", False)
     assert [r["recipe"] for r in rows] == ["default", "ort-defaults", "per-channel"]
-    assert rows[0]["shipped"] and rows[0]["latency"]["batch_1"] == {"ms": 0.5, "ratio_to_fp32": 0.5,
-                                                                    "ratio_to_ort_defaults": pytest.approx(0.8333, abs=1e-4)}
+    assert rows[0]["shipped"] and rows[0]["latency"]["batch_1"] == {
+        "ms": 0.5, "engine": "onnxruntime", "ratio_to_fp32": 0.5, "ratio_to_ort_defaults": pytest.approx(0.8333, abs=1e-4),
+        "onnxruntime_ms": 0.5}
     assert not rows[2]["passed"] and rows[2]["error"] and "latency" not in rows[2]
 
 

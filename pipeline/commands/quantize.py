@@ -126,7 +126,8 @@ def show(result) -> None:
     if len(recipe.get("candidates", [])) > 1:
         rows = []
         for c in recipe["candidates"]:
-            ratios = " / ".join(f"{v['ratio_to_fp32']:.2f}x" for v in (c.get("latency") or {}).values())
+            ratios = " / ".join(f"{v['ratio_to_fp32']:.2f}x" + ("" if v["engine"] == "onnxruntime" else f" on {v['engine']}")
+                                for v in (c.get("latency") or {}).values())
             rows.append(f"{c['recipe']}{' *' if c['shipped'] else ''} "
                         + (f"({ratios or 'not timed'})" if c["passed"] else "(failed its gate)"))
         console.print(f"int8 recipes (latency vs fp32 per batch, * shipped): {', '.join(rows)}")
