@@ -29,7 +29,7 @@ import numpy as np
 from pipeline import bench, deployments, engines, quantize, runtime
 from pipeline.bench import OnnxTarget
 from pipeline.config import BenchConfig
-from pipeline.timing import TimingPlan, summarize, time_interleaved
+from pipeline.timing import TimingPlan, round_medians, summarize, time_interleaved
 
 BATCHES = ((1, 1), (256, 2))
 """(batch, threads): the two operating points the acceptance names."""
@@ -140,7 +140,7 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                           "passes_gate": drop <= MAX_DROP_POINTS + 1e-9}
         result: dict = {"agreement_checks": checks, "calibration": data["calibration_source"], "test_images": int(len(y_test)),
                         "fp32_test_accuracy": fp32_accuracy, "max_drop_points": MAX_DROP_POINTS,
-                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}}
+                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {}}
         plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
                           rounds=rounds, time_limit=max(seconds, 2.0))
         config = BenchConfig()
@@ -153,7 +153,8 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                 stats = summarize(slot.latencies_ns, batch)
                 rows[name][key] = {"threads": threads, "p50_ms": stats["latency_ms"]["p50"],
                                    "p90_ms": stats["latency_ms"]["p90"], "cv": stats["cv"], "runs": stats["runs"],
-                                   "images_per_s": batch / (stats["latency_ms"]["p50"] / 1e3)}
+                                   "images_per_s": batch / (stats["latency_ms"]["p50"] / 1e3),
+                                   "round_p50_ms": round_medians(slot)}
             rec, where = _recommended(manifest, batch, contenders)
             eligible = [n for n in peers if rows[n]["passes_gate"]]
             result["recommended"][key] = {"contender": rec, **where}
@@ -162,6 +163,10 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                 result["best_peer"][key] = best
                 # >= 1.0: the pipeline's recommendation is at least as fast as the best peer.
                 result["ratios"][f"best peer p50 / recommended p50, {key}"] = rows[best][key]["p50_ms"] / rows[rec][key]["p50_ms"]
+                # The same ratio round by round (both timed under the same load in each round): its spread is the noise.
+                paired = np.asarray(rows[best][key]["round_p50_ms"]) / np.asarray(rows[rec][key]["round_p50_ms"])
+                result["paired"][key] = {"median": float(np.median(paired)), "min": float(paired.min()),
+                                         "max": float(paired.max()), "rounds": int(len(paired))}
             say(f"[peers] {key}: " + ", ".join(f"{n} {rows[n][key]['p50_ms']:.4g} ms" for n in rows))
     return result
 
@@ -184,7 +189,10 @@ def markdown(peers: dict, command: str) -> list[str]:
     for key, rec in peers["recommended"].items():
         best = peers["best_peer"].get(key)
         ratio = peers["ratios"].get(f"best peer p50 / recommended p50, {key}")
-        verdict = "n/a (no eligible peer)" if ratio is None else f"**{ratio:.2f}** (best peer: {best})"
+        paired = peers.get("paired", {}).get(key)
+        spread = (f"; round by round median {paired['median']:.2f}, range {paired['min']:.2f}-{paired['max']:.2f} "
+                  f"over {paired['rounds']} rounds") if paired else ""
+        verdict = "n/a (no eligible peer)" if ratio is None else f"**{ratio:.2f}** (best peer: {best}{spread})"
         note = f"; {rec['note']}" if rec.get("note") else ""
         lines.append(f"- {key}: recommended deployment {rec['contender']}; best peer p50 / recommended p50 = {verdict}{note}")
     return lines
