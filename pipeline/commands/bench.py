@@ -127,11 +127,20 @@ def _engines(text: str, run: Path | None) -> tuple[str, ...]:
 
 
 def _record_deployments(run: Path, result) -> None:
+    """The fastest timed pair per batch size into the manifest, under the run's one-writer lock (a stage
+    publishing its staged copy at the same time would otherwise swap this update away)."""
     from pipeline import artifacts, deployments
 
     new = deployments.from_records(result.records, "bench", artifacts.now_iso())
-    if new:
-        artifacts.update_manifest(run, lambda m: m.__setitem__("deployments", deployments.merged(m.get("deployments") or [], new)))
+    if not new:
+        return
+    try:
+        with artifacts.run_writer(run):
+            artifacts.update_manifest(run, lambda m: m.__setitem__(
+                "deployments", deployments.merged(m.get("deployments") or [], new)))
+    except artifacts.RunFolderError as exc:
+        console.print(f"[yellow]note:[/] deployments not recorded in the manifest: {exc}")
+        return
     result.extra["deployments"] = [d.to_dict() for d in new]
 
 
