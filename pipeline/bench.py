@@ -20,9 +20,11 @@ A target is anything with `name`, `engine`, `describe()`, `input_shape`, `open(.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +36,16 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from pipeline import artifacts, engines, runtime
 from pipeline.config import BenchConfig, to_dict
-from pipeline.errors import DeviceError, PipelineError, RunFolderError
+from pipeline.errors import DeviceError, ModelIntegrityError, PipelineError, RunFolderError
 from pipeline.onnxfile import ModelFileError, io_signature, load_model
 from pipeline.timing import Slot, round_medians, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 BENCH_JSON = "bench.json"
 BENCH_PNG = "bench.png"
-BENCH_SCHEMA = 1
+BENCH_SCHEMA = 2
+READABLE_SCHEMAS = (1, 2)  # bench.json files a new benchmark merges into
+HISTORY_LIMIT = 20  # earlier timings kept per record
 PROBE_SECONDS = 0.3
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
@@ -170,7 +174,7 @@ def run_targets(run_dir: Path, variants: Sequence[str] | None = None,
         model = load_model(path)
         digest = artifacts.sha256_file(path)
         if record.get("sha256") and record["sha256"] != digest:
-            raise BenchError(f"{path}: sha256 {digest[:12]} differs from the manifest's {record['sha256'][:12]}: "
+            raise ModelIntegrityError(f"{path}: sha256 {digest[:12]} differs from the manifest's {record['sha256'][:12]}: "
                              "the file changed after it was recorded")
         target = OnnxTarget(name=name, path=path, kind=record.get("kind", name), runtime=dict(record.get("runtime") or {}),
                             sha256=digest, input_shape=_sample_shape(path, model))
@@ -239,9 +243,13 @@ class BenchResult:
         return [r for r in self.records if r["status"] == "ok"]
 
     def to_json(self) -> dict:
-        return {"schema": BENCH_SCHEMA, "created": artifacts.now_iso(), "config": to_dict(self.config),
-                "environment": self.environment, "targets": self.targets, "thread_choices": self.thread_choices,
-                "records": self.records, "summary": summary(self.records), "seconds": self.seconds, **self.extra}
+        """This benchmark alone as a bench.json document (`merge` adds it to an existing one)."""
+        created = artifacts.now_iso()
+        invocation = {"created": created, "config": to_dict(self.config), "environment": self.environment,
+                      "seconds": self.seconds}
+        return {"schema": BENCH_SCHEMA, **invocation, "targets": self.targets, "thread_choices": self.thread_choices,
+                "records": [{**r, "created": created} for r in self.records], "summary": summary(self.records),
+                "invocations": [invocation], **self.extra}
 
 
 def _record(target, provider: str, batch: int, threads: int | None, threads_source: str, status: str, **rest) -> dict:
@@ -460,14 +468,16 @@ def environment() -> dict:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-# The bench.json contract (schema 1; README "bench.json"). `schema_problems` is what tests and
+# The bench.json contract (schema 2; README "bench.json"). `schema_problems` is what tests and
 # downstream readers check a file against.
-TOP_KEYS = ("schema", "created", "config", "environment", "targets", "thread_choices", "records", "summary", "seconds")
+TOP_KEYS = ("schema", "created", "config", "environment", "targets", "thread_choices", "records", "summary", "seconds",
+            "invocations")
+INVOCATION_KEYS = ("created", "config", "environment", "seconds")
 ENVIRONMENT_KEYS = ("cpu_model", "cpu_flags", "logical_cores", "usable_cores", "platform", "python", "versions",
                     "onnxruntime_providers")
 VERSION_KEYS = ("torch", "onnx", "onnxruntime")
 RECORD_KEYS = ("artifact", "kind", "engine", "provider", "provider_name", "batch", "threads", "threads_source", "status",
-               "reason")
+               "reason", "created")
 TIMED_KEYS = ("session_providers", "session_create_ms", "first_run_ms", "optimization_level", "io_binding", "warmup_runs",
               "runs", "stopped_by", "latency_ms", "cv", "throughput_ips")
 LATENCY_KEYS = ("p50", "p90", "p99", "mean", "std", "min", "max")
@@ -482,9 +492,15 @@ def schema_problems(doc: dict) -> list[str]:
     env = doc.get("environment", {})
     problems += [f"environment lacks {k!r}" for k in ENVIRONMENT_KEYS if k not in env]
     problems += [f"environment.versions lacks {k!r}" for k in VERSION_KEYS if k not in env.get("versions", {})]
+    invoked = {i.get("created") for i in doc.get("invocations", [])}
+    keys = [record_key(r) for r in doc.get("records", [])]
+    if len(set(keys)) != len(keys):
+        problems.append("two records of one (artifact, engine, provider, batch, threads)")
     for i, r in enumerate(doc.get("records", [])):
         where = f"records[{i}] ({r.get('artifact')}, {r.get('provider')}, batch {r.get('batch')})"
         problems += [f"{where} lacks {k!r}" for k in RECORD_KEYS if k not in r]
+        if "created" in r and r["created"] not in invoked:
+            problems.append(f"{where} was created {r['created']}, by no benchmark listed in invocations")
         if r.get("status") not in STATUSES:
             problems.append(f"{where} has status {r.get('status')!r}")
         elif r["status"] == "ok":
@@ -498,10 +514,137 @@ def schema_problems(doc: dict) -> list[str]:
     return problems
 
 
-def write_bench(result: BenchResult, path: Path) -> Path:
-    """bench.json, atomically."""
-    artifacts.atomic_write_json(Path(path), result.to_json())
-    return Path(path)
+# --- bench.json accumulates: a benchmark adds to the results, it never replaces the file ------
+
+RECORD_KEY = ("artifact", "engine", "provider", "batch", "threads")
+
+
+def record_key(record: dict) -> tuple:
+    """What one measurement is of; a later measurement of the same key replaces it (history kept)."""
+    return tuple(record.get(k) for k in RECORD_KEY)
+
+
+def read_bench(path: Path) -> dict | None:
+    """The bench.json at `path`, None when there is none; `BenchError` when it cannot be merged into.
+
+    An unreadable file is refused rather than overwritten: the results in it may be all the user has.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{path}: unreadable ({exc}); move it away or pass --out DIR, it is not overwritten") from None
+    if not isinstance(doc, dict) or doc.get("schema") not in READABLE_SCHEMAS or not isinstance(doc.get("records"), list):
+        raise BenchError(f"{path}: not a bench.json of schema {' or '.join(map(str, READABLE_SCHEMAS))}; "
+                         "move it away or pass --out DIR, it is not overwritten")
+    return doc
+
+
+def _past(record: dict) -> dict:
+    """A replaced record, as one history entry."""
+    entry = {"created": record.get("created"), "status": record.get("status")}
+    if record.get("status") == "ok":
+        entry["p50_ms"] = record["latency_ms"]["p50"]
+        entry["runs"] = record.get("runs")
+    else:
+        entry["reason"] = record.get("reason")
+    return entry
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """The document `new` (one benchmark) added to `old` (what bench.json held).
+
+    Records are keyed by (artifact, engine, provider, batch, threads). A new timing replaces only
+    the old record of its key; the old one's `created`, status and p50 go into the new record's
+    `history`. A new record that timed nothing (unavailable, failed) never replaces a timed one:
+    the timed one stays, with the attempt noted in `last_attempt`. Every record carries the
+    `created` of the benchmark that made it, and `invocations` keeps the config and environment
+    of every benchmark a record still comes from.
+    """
+    if old is None:
+        return new
+    created = new["created"]
+    merged = {record_key(r): {"created": old.get("created"), **r} for r in old["records"]}
+    for r in new["records"]:
+        key, record = record_key(r), dict(r)
+        previous = merged.get(key)
+        if previous is not None and previous.get("status") == "ok" and record["status"] != "ok":
+            previous["last_attempt"] = {"created": created, "status": record["status"], "reason": record["reason"]}
+            continue
+        if previous is not None:
+            record["history"] = ([_past(previous)] + list(previous.get("history", [])))[:HISTORY_LIMIT]
+        merged[key] = record
+    records = list(merged.values())
+    targets = {(t.get("artifact"), t.get("engine")): t for t in [*old.get("targets", []), *new["targets"]]}
+    choices = {(c.get("provider"), c.get("batch"), c.get("artifact")): c
+               for c in [*old.get("thread_choices", []), *new["thread_choices"]]}
+    invocations = [*old.get("invocations", [{k: old.get(k) for k in INVOCATION_KEYS}]), *new["invocations"]]
+    used = {r["created"] for r in records} | {h.get("created") for r in records for h in r.get("history", [])}
+    extra = {k: v for k, v in old.items() if k not in TOP_KEYS}
+    return {**extra, **new, "records": records, "targets": list(targets.values()), "thread_choices": list(choices.values()),
+            "summary": summary(records), "invocations": [i for i in invocations if i.get("created") in used]}
+
+
+def publish(result: BenchResult, folder: Path, label: str) -> tuple[dict, Path, Path]:
+    """Merge `result` into `folder`/bench.json and redraw bench.png (titled `label`) from the merged records.
+
+    A benchmark that timed nothing changes no file: it raises `outcome_error` (a provider that is
+    missing must not wipe the CPU results measured a minute earlier). Both files are written to
+    temporary names and renamed only when both are ready, so a failure leaves the old pair.
+    Returns (merged document, json path, png path); the caller raises `outcome_error` after presenting.
+    """
+    from pipeline.report import plot_latency
+
+    if not result.ok():
+        raise outcome_error(result.records)
+    folder = Path(folder)
+    title = f"{label}: ONNX Runtime {result.environment['versions']['onnxruntime']}, {result.environment['cpu_model']}"
+    json_path, png_path = folder / BENCH_JSON, folder / BENCH_PNG
+    doc = merge(read_bench(json_path), result.to_json())
+    with artifacts.atomic_path(json_path) as json_tmp, artifacts.atomic_path(png_path) as png_tmp:
+        json_tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        plot_latency(doc["records"], png_tmp, title)
+    return doc, json_path, png_path
+
+
+def outcome_error(records: Sequence[dict]) -> PipelineError | None:
+    """Why a benchmark with these records must not exit 0, or None.
+
+    Nothing timed: `DeviceError` (exit 6) when every failure is an unavailable provider, else
+    `BenchError`. Something timed: a `failed` record is a `BenchError`; an `unavailable` one is
+    fine, since another provider the user listed beside it ran.
+    """
+    timed = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] == "failed"]
+    unavailable = [r for r in records if r["status"] == "unavailable"]
+    if not timed:
+        if failed or not unavailable:
+            reasons = "; ".join(dict.fromkeys(f"{r['artifact']}: {r['reason']}" for r in failed)) or "no measurement"
+            return BenchError(f"nothing was timed ({reasons}); no file was changed")
+        reasons = "; ".join(dict.fromkeys(f"{r['provider']}: {r['reason']}" for r in unavailable))
+        return DeviceError(f"nothing was timed: {reasons}; no file was changed")
+    if failed:
+        which = ", ".join(dict.fromkeys(f"{r['artifact']}@{r['provider']}/batch{r['batch']}" for r in failed))
+        return BenchError(f"{len(failed)} of {len(records)} measurements failed ({which}: {failed[0]['reason']}); "
+                          "the ones that ran are in bench.json")
+    return None
+
+
+def writable_folder(folder: Path, hint: str) -> Path:
+    """`folder`, created if need be, after proving a file can be written there; `RunFolderError` if not.
+
+    Checked before any timing, so a read-only run folder costs no benchmark (and loses no --json output).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"{folder} is not writable ({exc.strerror}): {hint}") from None
+    return folder
 
 
 def check_targets(targets: Sequence) -> None:
@@ -510,5 +653,5 @@ def check_targets(targets: Sequence) -> None:
 
 
 __all__ = ["BENCH_JSON", "BENCH_PNG", "BenchError", "BenchResult", "ModelFileError", "OnnxTarget", "Slot",
-           "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "run_targets", "schema_problems",
-           "summarize", "time_interleaved", "write_bench"]
+           "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "merge", "outcome_error", "publish",
+           "read_bench", "run_targets", "schema_problems", "summarize", "time_interleaved", "writable_folder"]

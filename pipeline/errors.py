@@ -33,3 +33,22 @@ class DeviceError(PipelineError):
     """A requested device or execution provider that this machine does not have."""
 
     exit_code = 6
+
+
+class ModelIntegrityError(PipelineError):
+    """A model file whose sha256 differs from its manifest record: tampered, truncated or replaced.
+
+    One type for every reader (predict, pack, bench), so the same fault has the same exit code.
+    """
+
+    exit_code = 8
+
+
+class ConfigError(PipelineError, ValueError):
+    """An invalid option or config value (`--epochs 0`, an unknown provider): the only exit 2.
+
+    A ValueError too, so config validation reads as Python's own convention; any other ValueError
+    reaching the CLI is a bug (exit 70), not a bad option.
+    """
+
+    exit_code = 2

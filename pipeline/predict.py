@@ -30,16 +30,10 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.config import PredictConfig
 from pipeline.data import IMAGE_SUFFIXES, Preprocess, load_image, read_idx
-from pipeline.errors import DataError, PipelineError, RunFolderError
+from pipeline.errors import DataError, ModelIntegrityError, PipelineError, RunFolderError
 
 log = logging.getLogger(__name__)
 METADATA_KEYS = ("labels", "preprocess")
-
-
-class ModelIntegrityError(PipelineError):
-    """A model file whose sha256 differs from the manifest's record: tampered or truncated."""
-
-    exit_code = 8
 
 
 @dataclass(frozen=True)

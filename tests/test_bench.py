@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from pipeline import artifacts, bench
 from pipeline.cli import app
 from pipeline.config import BenchConfig, DataConfig, ModelConfig, TrainConfig, to_dict
+from pipeline.errors import ModelIntegrityError
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -113,7 +114,7 @@ def linear_run(tmp_path) -> Path:
 
 def test_bench_json_conforms_to_schema_and_names_every_measurement(linear_run):
     result = bench.benchmark(bench.run_targets(linear_run), BenchConfig(**QUICK))
-    path = bench.write_bench(result, linear_run / bench.BENCH_JSON)
+    _, path, _ = bench.publish(result, linear_run, "test")
     doc = json.loads(path.read_text())
     assert bench.schema_problems(doc) == []
     assert [(r["artifact"], r["provider"], r["batch"], r["threads"]) for r in doc["records"]] == \
@@ -214,13 +215,135 @@ def test_a_model_that_cannot_take_the_batch_is_a_failed_record_not_a_crash(tmp_p
     assert records[1]["reason"] and "latency_ms" not in records[1]
 
 
-def test_a_file_changed_after_the_manifest_is_refused(linear_run):
+def test_a_file_changed_after_the_manifest_is_refused_with_exit_8(linear_run):
     path = linear_run / "model.onnx"
     model = onnx.load(str(path))
     model.graph.node[2].name = "edited"
     onnx.save_model(model, str(path))
-    with pytest.raises(bench.BenchError, match="sha256"):
+    with pytest.raises(ModelIntegrityError, match="sha256"):
         bench.run_targets(linear_run)
+    result = CliRunner().invoke(app, ["bench", "--run", str(linear_run), "--duration", "0.02", "--batch-sizes", "1"])
+    assert result.exit_code == 8, result.output  # the README's code for a changed model, as predict and pack
+    assert len(result.output.strip().splitlines()) == 1 and "sha256" in result.output
+
+
+# --- bench.json accumulates; nothing timed changes nothing; a read-only folder is refused first ----
+
+
+def _bench(folder: Path, *args: str):
+    return CliRunner().invoke(app, ["bench", "--run", str(folder), "--duration", "0.02", "--rounds", "1",
+                                    "--warmup", "1", "--threads", "1", "--quiet", *args])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def distinct_times(monkeypatch):
+    """Every benchmark gets its own `created` (real ones can fall in the same second)."""
+    ticks = iter(f"2026-01-01T00:00:{i:02d}+00:00" for i in range(60))
+    monkeypatch.setattr(artifacts, "now_iso", lambda: next(ticks))
+
+
+def test_results_accumulate_and_retiming_replaces_only_that_combination(linear_run, distinct_times):
+    assert _bench(linear_run, "--batch-sizes", "1,4").exit_code == 0
+    first = json.loads((linear_run / bench.BENCH_JSON).read_text())
+    png_before = (linear_run / bench.BENCH_PNG).read_bytes()
+    assert _bench(linear_run, "--batch-sizes", "4,8").exit_code == 0
+    doc = json.loads((linear_run / bench.BENCH_JSON).read_text())
+    assert bench.schema_problems(doc) == []
+    by_batch = {r["batch"]: r for r in doc["records"]}
+    assert sorted(by_batch) == [1, 4, 8]  # batch 1 survived a benchmark that did not ask for it
+    old = {r["batch"]: r for r in first["records"]}
+    assert by_batch[1] == old[1]  # untouched, byte for byte
+    assert by_batch[4]["created"] == doc["created"] != old[4]["created"]
+    assert by_batch[4]["history"] == [{"created": old[4]["created"], "status": "ok",
+                                       "p50_ms": old[4]["latency_ms"]["p50"], "runs": old[4]["runs"]}]
+    assert "history" not in by_batch[8] and "history" not in by_batch[1]
+    assert [i["created"] for i in doc["invocations"]] == [first["created"], doc["created"]]
+    assert (linear_run / bench.BENCH_PNG).read_bytes() != png_before  # redrawn from the merged records
+
+
+def test_an_attempt_that_times_nothing_never_replaces_a_timed_record():
+    ok = {"artifact": "a", "engine": "onnxruntime", "provider": "cpu", "batch": 4, "threads": 1, "status": "ok",
+          "reason": None, "created": "t0", "latency_ms": {"p50": 1.0}, "runs": 5}
+    failed = {**ok, "status": "failed", "reason": "boom", "created": "t1"}
+    del failed["latency_ms"]
+    doc = {"schema": 2, "created": "t0", "config": {}, "environment": {}, "seconds": 1, "targets": [],
+           "thread_choices": [], "records": [ok], "invocations": [{"created": "t0"}]}
+    merged = bench.merge(doc, {**doc, "created": "t1", "records": [failed], "invocations": [{"created": "t1"}]})
+    (record,) = merged["records"]
+    assert record["status"] == "ok" and record["latency_ms"] == {"p50": 1.0}
+    assert record["last_attempt"] == {"created": "t1", "status": "failed", "reason": "boom"}
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="this onnxruntime build has CUDA: the CPU-build path does not apply")
+def test_cuda_only_on_the_cpu_build_exits_6_and_leaves_every_file_byte_identical(linear_run):
+    """The issue's acceptance line: bench, then `bench --provider cuda` on a CPU-only machine."""
+    assert _bench(linear_run, "--batch-sizes", "1").exit_code == 0
+    assert json.loads((linear_run / bench.BENCH_JSON).read_text())["records"][0]["latency_ms"]["p50"] > 0
+    before = _snapshot(linear_run)
+    result = _bench(linear_run, "--provider", "cuda", "--batch-sizes", "1")
+    assert result.exit_code == 6, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: nothing was timed") and "CUDAExecutionProvider" in lines[0]
+    assert _snapshot(linear_run) == before
+    # Control: cuda listed beside cpu, which ran, is a success that keeps the CPU results.
+    result = _bench(linear_run, "--provider", "cpu", "--provider", "cuda", "--batch-sizes", "1")
+    assert result.exit_code == 0, result.output
+
+
+def test_failed_targets_make_a_non_zero_exit_but_keep_what_ran(tmp_path):
+    model = linear_model(tmp_path / "fixed.onnx", batch=1)  # cannot take batch 4
+    result = CliRunner().invoke(app, ["bench", str(model), "--batch-sizes", "1,4", "--duration", "0.02", "--threads", "1",
+                                      "--quiet"])
+    assert result.exit_code == 13, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: 1 of 2 measurements failed (fixed@cpu/batch4")
+    doc = json.loads((tmp_path / bench.BENCH_JSON).read_text())
+    assert {r["batch"]: r["status"] for r in doc["records"]} == {1: "ok", 4: "failed"}
+    # Nothing timed at all (every batch fails): exit 13, and no file is written.
+    other = tmp_path / "other"
+    other.mkdir()
+    model = linear_model(other / "fixed.onnx", batch=1)
+    result = CliRunner().invoke(app, ["bench", str(model), "--batch-sizes", "4", "--duration", "0.02", "--threads", "1"])
+    assert result.exit_code == 13 and "nothing was timed" in result.output
+    assert sorted(p.name for p in other.iterdir()) == ["fixed.onnx"]
+
+
+def test_a_read_only_run_folder_is_refused_before_any_timing(linear_run, tmp_path, monkeypatch):
+    """Read-only is simulated where the probe writes (the tests may run as root, which chmod does not stop)."""
+    import errno
+    import tempfile
+
+    real = tempfile.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == linear_run:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(bench.tempfile, "NamedTemporaryFile", read_only)
+    timed = []
+    real_benchmark = bench.benchmark
+    monkeypatch.setattr(bench, "benchmark", lambda *a, **k: timed.append(1) or real_benchmark(*a, **k))
+    before = _snapshot(linear_run)
+    result = _bench(linear_run, "--batch-sizes", "1")
+    assert result.exit_code == 4 and timed == [], result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "Read-only file system" in result.output and "--out DIR" in result.output
+    assert _snapshot(linear_run) == before
+    # What the hint says works: the same benchmark written elsewhere.
+    result = _bench(linear_run, "--batch-sizes", "1", "--out", str(tmp_path / "elsewhere"))
+    assert result.exit_code == 0 and timed == [1], result.output
+    assert (tmp_path / "elsewhere" / bench.BENCH_JSON).is_file()
+
+
+def test_an_unreadable_bench_json_is_refused_before_timing_and_kept(linear_run):
+    (linear_run / bench.BENCH_JSON).write_text("{not json")
+    result = _bench(linear_run, "--batch-sizes", "1")
+    assert result.exit_code == 13 and "unreadable" in result.output and "--out DIR" in result.output
+    assert (linear_run / bench.BENCH_JSON).read_text() == "{not json"
 
 
 def test_auto_threads_are_probed_and_recorded(linear_run):

@@ -60,58 +60,70 @@ def bench(
     """
     import json
 
+    from pipeline import artifacts
     from pipeline import bench as bench_stage
     from pipeline.config import BenchConfig
-    from pipeline.report import plot_latency
+    from pipeline.errors import ConfigError
 
     config = BenchConfig(providers=tuple(provider), engines=_engines(engine, run), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                          threads=_threads(threads), optimization_level=optimization_level, warmup=warmup, runs=runs,
                          duration=duration, rounds=rounds, time_limit=time_limit, io_binding=io_binding,
                          require_provider=require_provider, baseline=baseline)
     if run is not None and files:
-        raise ValueError("give either --run RUN or .onnx files, not both")
-    targets = (bench_stage.run_targets(run, int_list_names(variants), config.engines) if run is not None
-               else bench_stage.file_targets(files or [], config.engines))
-    bench_stage.check_targets(targets)
-    reference = None
-    others = [t for t in targets if t.engine not in ("onnxruntime", "torch")]
-    if run is not None and others:
-        from pipeline import engines
+        raise ConfigError("give either --run RUN or .onnx files, not both")
+    if compare is not None and run is None:
+        raise ConfigError("--compare needs --run (the run trained with dropout)")
+    if run is not None:
+        artifacts.read_manifest(run)  # a missing or unfinished run is refused before any folder is made
+    else:
+        bench_stage.check_targets(files or [])
+    # Before any timing: a folder that cannot take the results (read-only: exit 4, with where else to write).
+    hint = "pass --out DIR to write bench.json and bench.png elsewhere"
+    folder = bench_stage.output_folder(out or (run if run is not None else Path(files[0]).parent), hint)
+    # One writer per folder for the whole benchmark: an export would swap the run folder under it
+    # (publishing a copy without these results), and a second bench would merge into the same bench.json.
+    lock = folder.resolve()
+    with artifacts.run_writer(lock, hint):
+        targets = (bench_stage.run_targets(run, int_list_names(variants), config.engines) if run is not None
+                   else bench_stage.file_targets(files or [], config.engines))
+        bench_stage.check_targets(targets)
+        bench_stage.read_bench(folder / bench_stage.BENCH_JSON)  # one that cannot be merged into: refused now
+        reference = None
+        others = [t for t in targets if t.engine not in ("onnxruntime", "torch")]
+        if run is not None and others:
+            from pipeline import engines
 
-        if any(engines.available(t.engine)[0] for t in others):
-            with console.status("bench: ONNX Runtime fp32 on the run's test images (the agreement reference)"):
-                reference = engines.reference_for_run(run)
-    if run is not None and baseline:
-        from pipeline.baseline import run_baseline
+            if any(engines.available(t.engine)[0] for t in others):
+                with console.status("bench: ONNX Runtime fp32 on the run's test images (the agreement reference)"):
+                    reference = engines.reference_for_run(run)
+        if run is not None and baseline:
+            from pipeline.baseline import run_baseline
 
-        torch_target = run_baseline(run)
-        if torch_target is not None:
-            targets.append(torch_target)
-    folder = out or (run if run is not None else Path(files[0]).parent)
+            torch_target = run_baseline(run)
+            if torch_target is not None:
+                targets.append(torch_target)
 
-    with console.status("bench") as status:
-        result = bench_stage.benchmark(targets, config, on_group=lambda g: status.update(f"bench: {g}"), reference=reference)
-        if compare is not None:
-            from pipeline import dropout_cost
+        with console.status("bench") as status:
+            result = bench_stage.benchmark(targets, config, on_group=lambda g: status.update(f"bench: {g}"),
+                                           reference=reference)
+            if compare is not None and result.ok():
+                from pipeline import dropout_cost
 
-            if run is None:
-                raise ValueError("--compare needs --run (the run trained with dropout)")
-            status.update(f"bench: dropout comparison against {compare}")
-            result.extra["dropout"] = dropout_cost.compare(run, compare, config)
-    if run is not None and record_deployments:
-        _record_deployments(run, result)
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path = bench_stage.write_bench(result, folder / bench_stage.BENCH_JSON)
-    png_path = folder / bench_stage.BENCH_PNG
-    plot_latency(result.records, png_path, f"{run or 'files'}: ONNX Runtime {result.environment['versions']['onnxruntime']}, "
-                                           f"{result.environment['cpu_model']}")
+                status.update(f"bench: dropout comparison against {compare}")
+                result.extra["dropout"] = dropout_cost.compare(run, compare, config)
+        if run is not None and record_deployments:
+            _record_deployments(run, result, held=Path(run).resolve() == lock)
+        doc, json_path, png_path = bench_stage.publish(result, folder, str(run or "files"))
     if json_out:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        typer.echo(json.dumps(doc, indent=2))
     if not quiet:
         _show(result)
     if run is not None:
         _show_followed(run, config)
-    console.print(f"wrote {json_path} and {png_path} ({result.seconds:.1f} s)")
+    console.print(f"wrote {json_path} and {png_path} ({result.seconds:.1f} s; {len(doc['records'])} records in all)")
+    problem = bench_stage.outcome_error(result.records)
+    if problem is not None:
+        raise problem
 
 
 def _engines(text: str, run: Path | None) -> tuple[str, ...]:
@@ -126,16 +138,19 @@ def _engines(text: str, run: Path | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["onnxruntime", *named]))
 
 
-def _record_deployments(run: Path, result) -> None:
+def _record_deployments(run: Path, result, held: bool = False) -> None:
     """The fastest timed pair per batch size into the manifest, under the run's one-writer lock (a stage
-    publishing its staged copy at the same time would otherwise swap this update away)."""
+    publishing its staged copy at the same time would otherwise swap this update away); `held`: this
+    process holds it already (bench into the run folder itself)."""
+    import contextlib
+
     from pipeline import artifacts, deployments
 
     new = deployments.from_records(result.records, "bench", artifacts.now_iso())
     if not new:
         return
     try:
-        with artifacts.run_writer(run):
+        with contextlib.nullcontext() if held else artifacts.run_writer(run):
             artifacts.update_manifest(run, lambda m: m.__setitem__(
                 "deployments", deployments.merged(m.get("deployments") or [], new)))
     except artifacts.RunFolderError as exc:

@@ -93,7 +93,7 @@ def _pipeline(stage, run_dir: Path, twin_dir: Path | None, data_config, model_co
     """The stages in order; each is the workflow call its own command makes."""
     import dataclasses
 
-    from pipeline import bench, report
+    from pipeline import bench
     from pipeline.baseline import run_baseline
     from pipeline.workflow import export_run, quantize_run, train_run
 
@@ -115,10 +115,10 @@ def _pipeline(stage, run_dir: Path, twin_dir: Path | None, data_config, model_co
             from pipeline import dropout_cost
 
             result.extra["dropout"] = dropout_cost.compare(run_dir, twin_dir, bench_config)
-        bench.write_bench(result, run_dir / bench.BENCH_JSON)
-        report.plot_latency(result.records, run_dir / bench.BENCH_PNG,
-                            f"{run_dir}: ONNX Runtime {result.environment['versions']['onnxruntime']}, "
-                            f"{result.environment['cpu_model']}")
+        bench.publish(result, run_dir, str(run_dir))
+        problem = bench.outcome_error(result.records)
+        if problem is not None:
+            raise problem
 
     stage("bench", measure)
 
