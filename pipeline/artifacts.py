@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,8 @@ def read_manifest(run_dir: Path) -> dict:
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         partial = run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
-        hint = f" (an interrupted run is at {partial}: `pipeline train --resume {run_dir}`)" if partial.is_dir() else ""
+        hint = (f" (an interrupted run is at {partial}: `pipeline train --resume {shlex.quote(str(run_dir))}`)"
+                if partial.is_dir() else "")
         raise RunFolderError(f"{run_dir}: no such run folder{hint}")
     if not path.is_file():
         raise RunFolderError(f"{run_dir}: not a finished run (no {MANIFEST})")
@@ -184,7 +186,8 @@ def start_run(run_dir: Path, force: bool) -> Path:
         raise RunFolderError(f"{run_dir} already exists: choose another --out or pass --force to replace it")
     if staging.exists():
         if not force:
-            raise RunFolderError(f"an interrupted run is at {staging}: --resume {run_dir} continues it, --force discards it")
+            raise RunFolderError(f"an interrupted run is at {staging}: `pipeline train --resume {shlex.quote(str(run_dir))}` "
+                                 "continues it, --force discards it")
         shutil.rmtree(staging)
     try:
         staging.mkdir(parents=True)
@@ -193,9 +196,25 @@ def start_run(run_dir: Path, force: bool) -> Path:
     return staging
 
 
+def final_dir(path: Path) -> Path:
+    """The run folder a path names: `models/r.partial` (what an interrupted run shows on disk) is `models/r`."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(PARTIAL_SUFFIX)) if path.name.endswith(PARTIAL_SUFFIX) else path
+
+
+def after_interrupted_training(run_dir: Path) -> str:
+    """What an interrupted training left, and the command that continues it (pasteable)."""
+    run_dir = final_dir(run_dir)
+    staging = partial_dir(run_dir)
+    if (staging / TRAIN_STATE).is_file():
+        return (f"the completed epochs are kept in {staging}; "
+                f"`pipeline train --resume {shlex.quote(str(run_dir))}` continues from the last one")
+    return f"no epoch had completed, so there is nothing to resume ({staging} can go; --force starts over)"
+
+
 def resume_run(run_dir: Path) -> Path:
     """The staging folder of an interrupted run, which must hold a training state."""
-    staging = partial_dir(run_dir)
+    staging = partial_dir(final_dir(run_dir))
     if not (staging / TRAIN_STATE).is_file():
         raise RunFolderError(f"nothing to resume: {staging} holds no {TRAIN_STATE} (no epoch of that run completed)")
     return staging

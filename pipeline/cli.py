@@ -51,6 +51,20 @@ def _root(
     _state["debug"] = debug or _debug_from_env()
 
 
+# What is true after Ctrl-C, per command. Commands that know more (train and run name the folder
+# to resume) raise `Interrupted` themselves; these are for the rest. Keep each one true.
+INTERRUPTED = {
+    "bench": "bench.json and bench.png are unchanged (they are replaced only when a benchmark completes)",
+    "export": "files written before the interruption may remain beside the manifest; "
+              "the same `pipeline export --run RUN ...` again rewrites them",
+    "quantize": "files written before the interruption may remain beside the manifest; "
+                "the same `pipeline quantize RUN ...` again rewrites them",
+    "pack": "no archive was written (it is renamed into place only when complete)",
+    "predict": "nothing was written",
+    "inspect": "nothing was written",
+}
+
+
 def fail(message: str, code: int) -> None:
     """Print one line to stderr and exit with `code`."""
     line = " ".join(str(message).split())
@@ -72,15 +86,17 @@ def guarded(command: F) -> F:
         except Exception as exc:
             if _state["debug"]:
                 raise
+            # Only a PipelineError is a failure the user caused (ConfigError: a bad option, exit 2);
+            # anything else, a ValueError included, is a bug in pipeline.
             if isinstance(exc, PipelineError):
                 fail(str(exc), exc.exit_code)
-            if isinstance(exc, ValueError):  # config validation: a bad option value
-                fail(str(exc), 2)
-            fail(f"unexpected {type(exc).__name__}: {exc} (run `pipeline --debug ...` for the traceback)", 70)
+            fail(f"unexpected {type(exc).__name__}: {exc}: a bug, please report it with the output of "
+                 f"`pipeline --debug {command.__name__} ...`", 70)
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            fail("interrupted: no half-written artifact was kept (`pipeline train --resume RUN` continues an interrupted training run)", 130)
+            said = INTERRUPTED.get(command.__name__)
+            fail(f"interrupted: {said}" if said else "interrupted", 130)
 
     return wrapper  # type: ignore[return-value]
 

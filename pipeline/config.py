@@ -1,6 +1,6 @@
 """Typed, frozen configuration for each stage.
 
-Every field says what it means; `__post_init__` rejects bad values with a `ValueError` whose
+Every field says what it means; `__post_init__` rejects bad values with a `ConfigError` (a ValueError, exit 2) whose
 message names the field, so a bad option fails before any work starts. Library functions take
 these objects, never the CLI's options. This module imports nothing heavy.
 """
@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import ConfigError
 
 DATASETS = ("digits", "idx", "folder", "npz")
 OPTIMIZERS = ("adam", "sgd")
@@ -27,7 +29,7 @@ def _refuse_unknown_fields(cls: type, data: dict, what: str) -> None:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def to_dict(config: Any) -> dict:

@@ -52,3 +52,15 @@ class ConfigError(PipelineError, ValueError):
     """
 
     exit_code = 2
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C, with what is true of the files afterwards and the command that continues."""
+
+    exit_code = 130
+
+
+class TrainingDivergedError(PipelineError):
+    """Training whose loss became NaN or infinite: no weights of it can be accepted."""
+
+    exit_code = 18

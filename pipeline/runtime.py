@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.errors import DeviceError
+from pipeline.errors import ConfigError, DeviceError
 from pipeline.timing import Slot
 
 LEVELS = {
@@ -31,7 +31,7 @@ def session_options(runtime: dict | None = None, threads: int | None = None, lev
     options = ort.SessionOptions()
     level = level or runtime.get("graph_optimization_level", "all")
     if level not in LEVELS:
-        raise ValueError(f"unknown graph optimization level {level!r}: choose one of {', '.join(LEVELS)}")
+        raise ConfigError(f"unknown graph optimization level {level!r}: choose one of {', '.join(LEVELS)}")
     options.graph_optimization_level = LEVELS[level]
     threads = threads if threads is not None else runtime.get("intra_op_num_threads")
     if threads:
@@ -44,7 +44,7 @@ def session_options(runtime: dict | None = None, threads: int | None = None, lev
 def provider_available(provider: str) -> tuple[bool, str]:
     """(available, reason) for a short provider name (cpu, cuda, tensorrt)."""
     if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+        raise ConfigError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[provider]
     available = ort.get_available_providers()
     if name in available:

@@ -25,7 +25,7 @@ from pipeline import __version__, distributed
 from pipeline.artifacts import CHECKPOINT, TRAIN_STATE, atomic_path
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from pipeline.data import Preprocess, Splits
-from pipeline.errors import CheckpointError, DeviceError
+from pipeline.errors import CheckpointError, DeviceError, TrainingDivergedError
 from pipeline.model import DropoutCNN
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,11 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
         val_loss, val_accuracy = evaluate_across(model, *tensors["val"], world)
         seconds = time.perf_counter() - started
         result = EpochResult(epoch, total_loss / seen, correct / seen, val_loss, val_accuracy, lr, seconds)
+        if not (math.isfinite(val_loss) and math.isfinite(result.train_loss)):
+            # Before anything of this epoch is kept: a NaN never compares below the best loss, so the
+            # run would go on to load no best state at all (or the last finite one, silently).
+            raise TrainingDivergedError(f"training diverged at epoch {epoch}: validation loss {val_loss}, train loss "
+                                        f"{result.train_loss} (lr {lr:g}); no run was accepted (try a lower --lr)")
         state["history"].append(result.to_dict())
         state["seconds"] += seconds
         state["epoch"] = epoch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from pipeline import artifacts, deployments
 from pipeline import manifest as schema
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from pipeline.errors import TrainingDivergedError
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,12 @@ def train_run(data_config: DataConfig, model_config: ModelConfig, train_config: 
         on_start({"source": splits.source, "sizes": splits.sizes(), "model": to_dict(model_config),
                   "epochs": train_config.epochs, "staging": str(staging)})
 
-    result = train.train(splits, data_config, model_config, train_config, staging, resume=resume, on_epoch=on_epoch)
+    try:
+        result = train.train(splits, data_config, model_config, train_config, staging, resume=resume, on_epoch=on_epoch)
+    except TrainingDivergedError:
+        if not resume and distributed.current().is_main:  # nothing of a fresh diverged run is worth resuming
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return distributed.on_main(_write_run, splits, data_config, model_config, train_config, result, staging, out)
 
 

@@ -48,7 +48,8 @@ def test_killed_training_leaves_no_finished_run_and_resume_matches(tmp_path):
     assert refused.returncode != 0 and "--resume" in refused.stderr  # ...and are told how to continue it
     assert _pipeline("train", "--out", str(run), *ARGS).returncode != 0  # a new run would shadow it: refused
 
-    resumed = _pipeline("train", "--resume", str(run), "--quiet")
+    # Resumed through the folder the user sees on disk, run.partial, which names the same run.
+    resumed = _pipeline("train", "--resume", str(artifacts.partial_dir(run)), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert not artifacts.partial_dir(run).exists()
     reference = tmp_path / "reference"
@@ -56,4 +57,8 @@ def test_killed_training_leaves_no_finished_run_and_resume_matches(tmp_path):
     a = torch.load(run / artifacts.CHECKPOINT, weights_only=True)["state_dict"]
     b = torch.load(reference / artifacts.CHECKPOINT, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in b)
-    assert len(artifacts.read_manifest(run)["training"]) > 0
+    # The resumed run's manifest describes the whole run, as the uninterrupted one's does.
+    training, expected = artifacts.read_manifest(run)["training"], artifacts.read_manifest(reference)["training"]
+    assert training["epochs_run"] == expected["epochs_run"] == 8
+    assert (training["best_epoch"], training["test_accuracy"]) == (expected["best_epoch"], expected["test_accuracy"])
+    assert training["checkpoint_sha256"] == artifacts.sha256_file(run / artifacts.CHECKPOINT)

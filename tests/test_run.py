@@ -113,12 +113,13 @@ def test_run_refuses_to_replace_a_run_without_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = CliRunner().invoke(app, ["run", "--out", str(out), *TINY])
-    assert result.exit_code == 2 and "--force" in result.output
+    assert result.exit_code == 4 and "--force" in result.output  # a run folder in the way: 4, as `train` says it
+    assert CliRunner().invoke(app, ["train", "--out", str(out), "--epochs", "1"]).exit_code == 4
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     twin = tmp_path / "other-dropout0"
     twin.mkdir()
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "other"), *TINY])
-    assert result.exit_code == 2 and "other-dropout0" in result.output
+    assert result.exit_code == 4 and "other-dropout0" in result.output
     assert not (tmp_path / "other").exists()
 
 

@@ -92,3 +92,21 @@ def test_manifest_is_required_for_a_finished_run(tmp_path):
         artifacts.read_manifest(tmp_path / "half")
     with pytest.raises(RunFolderError, match="no such run folder"):
         artifacts.read_manifest(tmp_path / "none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_validation_loss_in_the_first_epoch_stops_with_no_run(tmp_path, monkeypatch, bad):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    real = train.evaluate_across
+    monkeypatch.setattr(train, "evaluate_across", lambda *a, **k: (bad, real(*a, **k)[1]))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--conv-channels", "4,8", "--fc-units", "16",
+                                      "--epochs", "3", "--max-train-samples", "100", "--quiet"])
+    assert result.exit_code == 18, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: training diverged at epoch 1: validation loss {bad}")
+    assert not out.exists() and not artifacts.partial_dir(out).exists()  # no run, and nothing to resume

@@ -16,6 +16,7 @@ import typer
 from pipeline.commands import mc as m
 from pipeline.commands import quantize as q
 from pipeline.commands.options import console, int_list
+from pipeline.errors import ConfigError
 
 
 def export(
@@ -75,7 +76,7 @@ def export(
     config = ExportConfig(opset=opset, tolerance=tolerance, parity_batch_sizes=int_list(parity_batches, "--parity-batches"),
                           skip_simplify=skip_simplify)
     if fp16 and not quantize:
-        raise ValueError("--fp16 is built by the quantize step: add --quantize (or run `pipeline quantize RUN --fp16`)")
+        raise ConfigError("--fp16 is built by the quantize step: add --quantize (or run `pipeline quantize RUN --fp16`)")
     # Built before the export, so a bad quantize option fails before any work.
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
@@ -83,7 +84,7 @@ def export(
                                              speed_batch, fp16, recipes, keep_candidates)
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
-        raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
+        raise ConfigError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
     with console.status("export") as status:
         def on_step(name: str) -> None:
             status.update(f"export: {name}")

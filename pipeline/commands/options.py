@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from pipeline.errors import ConfigError
+
 # Progress and tables go to stderr, so stdout stays clean for --json output. When stderr is not a
 # terminal (CI logs, `2> file`), rich would assume 80 columns and squash the tables: use 160.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -24,7 +26,7 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
 def image_size(text: str | None) -> tuple[int, int] | None:
@@ -36,4 +38,4 @@ def image_size(text: str | None) -> tuple[int, int] | None:
         return (parts[0], parts[0])
     if len(parts) == 2:
         return parts
-    raise ValueError(f"--image-size must be N or HxW, got {text!r}")
+    raise ConfigError(f"--image-size must be N or HxW, got {text!r}")

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import PredictConfig
+from pipeline.errors import ConfigError
 
 
 def predict(
@@ -38,7 +39,7 @@ def predict(
     from pipeline.predict import predict as run_predict
 
     if mc and variant not in (None, "mc"):
-        raise ValueError(f"--mc runs variant mc; it cannot be combined with --variant {variant}")
+        raise ConfigError(f"--mc runs variant mc; it cannot be combined with --variant {variant}")
     variant = "mc" if mc else variant
     config = PredictConfig(variant=variant, top_k=top_k, threads=threads, invert=invert, assume=assume)
     loaded, predictions = run_predict(model, inputs, config)

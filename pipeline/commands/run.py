@@ -22,6 +22,7 @@ import typer
 
 from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
 from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError, Interrupted, RunFolderError
 
 TWIN_SUFFIX = "-dropout0"
 
@@ -60,12 +61,12 @@ def run(
     train_config = TrainConfig(epochs=epochs, patience=patience, seed=seed)
     bench_config = BenchConfig(batch_sizes=int_list(batch_sizes, "--batch-sizes"), duration=bench_seconds)
     if dropout_twin and dropout == 0:
-        raise ValueError("--dropout 0 has no dropout to compare: pass --no-dropout-twin or a rate above 0")
+        raise ConfigError("--dropout 0 has no dropout to compare: pass --no-dropout-twin or a rate above 0")
     run_dir = out or default_run_dir(data_config)
     twin_dir = run_dir.with_name(run_dir.name + TWIN_SUFFIX) if dropout_twin else None
     for folder in (run_dir, twin_dir):
         if folder is not None and folder.exists() and not force:
-            raise ValueError(f"{folder} already exists: pass --force to replace it, or --out another folder")
+            raise RunFolderError(f"{folder} already exists: pass --force to replace it, or --out another folder")
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -73,7 +74,10 @@ def run(
         def stage(name: str, fn, *args, **kwargs):
             status.update(f"run: {name}")
             t0 = time.perf_counter()
-            value = fn(*args, **kwargs)
+            try:
+                value = fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise Interrupted(f"during {name}: {_after_interrupt(name, run_dir, twin_dir)}") from None
             seconds[name] = round(time.perf_counter() - t0, 2)
             console.print(f"[green]done[/] {name} ({seconds[name]:.1f} s)")
             return value
@@ -86,6 +90,22 @@ def run(
         typer.echo(json.dumps(summary, indent=2))
     else:
         show(summary)
+
+
+def _after_interrupt(stage: str, run_dir: Path, twin_dir: Path | None) -> str:
+    """What an interrupted stage left, and the command that goes on from there (pasteable)."""
+    from shlex import quote
+
+    from pipeline import artifacts
+
+    if stage.startswith("train"):
+        return artifacts.after_interrupted_training(twin_dir if "twin" in stage else run_dir)
+    if stage == "bench":
+        compare = f" --compare {quote(str(twin_dir))}" if twin_dir is not None else ""
+        return (f"bench.json is unchanged; `pipeline bench --run {quote(str(run_dir))}{compare}` measures again")
+    folder, quantize = (twin_dir, "") if "twin" in stage else (run_dir, " --quantize")
+    return (f"{folder} holds a finished training run; `pipeline export --run {quote(str(folder))}{quantize}` "
+            "redoes the export")
 
 
 def _pipeline(stage, run_dir: Path, twin_dir: Path | None, data_config, model_config, train_config,

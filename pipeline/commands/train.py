@@ -9,9 +9,14 @@ import typer
 
 from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.errors import ConfigError, Interrupted
+
+# Options that may come with --resume: they change how the run is shown, not what it computes.
+RESUME_ALLOWS = ("resume", "quiet")
 
 
 def train(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="digits (bundled 8x8 handwriting), idx (folder of IDX files), "
                                               "folder (one sub-folder of PNG/JPEG per class), npz (x_train, y_train, x_test, y_test).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
@@ -20,7 +25,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder to write. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder (the old one stays until the new run completes).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue the interrupted run at this path from its last completed epoch, with its saved settings.")] = None,
+        help="Continue the interrupted run RUN (or RUN.partial, the folder on disk) from its last completed epoch, "
+             "with its saved settings; options that would change the run (--epochs, --lr, ...) are refused.")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
@@ -50,8 +56,11 @@ def train(
     Under `torchrun --nproc_per_node N -m pipeline train ...` the N processes train one model
     with DistributedDataParallel; only rank 0 writes the run folder and shows progress.
     """
-    from pipeline import distributed
+    from pipeline import artifacts, distributed
     from pipeline.workflow import default_run_dir, train_run
+
+    if resume is not None:
+        _refuse_changes_on_resume(ctx)
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
                              channels=channels, test_fraction=test_fraction, val_fraction=val_fraction,
@@ -62,17 +71,34 @@ def train(
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
                                weight_decay=weight_decay, l1=l1, patience=patience, seed=seed, device=device,
                                threads=threads)
-    run_dir = resume if resume is not None else (out or default_run_dir(data_config))
+    run_dir = artifacts.final_dir(resume) if resume is not None else (out or default_run_dir(data_config))
 
-    with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress:
-        result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
-                           on_start=progress.start, on_epoch=progress.epoch)
+    try:
+        with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress:
+            result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
+                               on_start=progress.start, on_epoch=progress.epoch)
+    except KeyboardInterrupt:
+        raise Interrupted(artifacts.after_interrupted_training(run_dir)) from None
     if not world.is_main:
         return
     metrics = result.metrics
     typer.echo(f"{run_dir}: test accuracy {100 * metrics['test_accuracy']:.2f}% "
                f"(best epoch {metrics['best_epoch']}/{metrics['epochs_run']}, "
                f"{metrics['train_seconds']:.1f} s, {metrics['seconds_per_epoch']:.2f} s/epoch)")
+
+
+def _refuse_changes_on_resume(ctx: typer.Context) -> None:
+    """--resume continues the run exactly as it was configured: an option that would change it is an error,
+    never silently ignored (a resumed cosine schedule cannot take a new --epochs, for one)."""
+    def given_by_user(name: str) -> bool:
+        source = ctx.get_parameter_source(name)  # click's ParameterSource (vendored by typer): compared by name
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+    given = [p for p in ctx.command.params if p.name not in RESUME_ALLOWS and given_by_user(p.name)]
+    if given:
+        names = ", ".join(p.opts[0] for p in given)
+        raise ConfigError(f"--resume continues the run with its saved settings; {names} would change it "
+                          "(start a new run with --out, or drop them)")
 
 
 class EpochProgress:
