@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -162,7 +163,7 @@ def run_targets(run_dir: Path, variants: Sequence[str] | None = None,
     manifest = artifacts.read_manifest(run_dir)
     records = manifest.get("artifacts") or {}
     if not records:
-        raise RunFolderError(f"{run_dir}: the manifest lists no exported artifacts: run `pipeline export --run {run_dir}` first")
+        raise RunFolderError(f"{run_dir}: the manifest lists no exported artifacts: run `pipeline export --run {shlex.quote(str(run_dir))}` first")
     if variants:
         missing = [v for v in variants if v not in records]
         if missing:

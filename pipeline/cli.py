@@ -55,10 +55,10 @@ def _root(
 # to resume) raise `Interrupted` themselves; these are for the rest. Keep each one true.
 INTERRUPTED = {
     "bench": "bench.json and bench.png are unchanged (they are replaced only when a benchmark completes)",
-    "export": "files written before the interruption may remain beside the manifest; "
-              "the same `pipeline export --run RUN ...` again rewrites them",
-    "quantize": "files written before the interruption may remain beside the manifest; "
-                "the same `pipeline quantize RUN ...` again rewrites them",
+    "export": "files written before the interruption may remain beside the manifest; the same command again "
+              "rewrites them",
+    "quantize": "files written before the interruption may remain beside the manifest; the same command again "
+                "rewrites them",
     "pack": "no archive was written (it is renamed into place only when complete)",
     "predict": "nothing was written",
     "inspect": "nothing was written",

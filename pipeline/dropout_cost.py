@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def compare(run_with: Path, run_without: Path, config: BenchConfig, variant: str
         raise ComparisonError(f"{run_with} and {run_without} have the same dropout rates {rates_a}: nothing to compare")
     for run_dir, manifest in ((run_with, ma), (run_without, mb)):
         if variant not in manifest.artifacts:
-            raise ComparisonError(f"{run_dir} has no {variant} artifact: run `pipeline export --run {run_dir}` first")
+            raise ComparisonError(f"{run_dir} has no {variant} artifact: run `pipeline export --run {shlex.quote(str(run_dir))}` first")
     (ta,), (tb,) = bench.run_targets(run_with, [variant]), bench.run_targets(run_without, [variant])
     name_a, name_b = f"{variant} (dropout {rates_a['dropout']:g})", f"{variant} (dropout {rates_b['dropout']:g})"
     ta, tb = dataclasses.replace(ta, name=name_a), dataclasses.replace(tb, name=name_b)

@@ -174,9 +174,9 @@ def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
     step = on_step or (lambda _: None)
     run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
-    variants = config.variants or (choose_variant(manifest, None),)
+    variants = config.variants or (choose_variant(manifest, None, run_dir),)
     for variant in variants:
-        choose_variant(manifest, variant)  # refuses an unknown one with the list of known ones
+        choose_variant(manifest, variant, run_dir)  # refuses an unknown one with the list of known ones
     if not RUNNER.is_file():
         raise RunFolderError(f"the device runner is missing at {RUNNER} (pack runs from a source checkout)")
     top = bundle_name(config.out)

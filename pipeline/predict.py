@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +89,12 @@ class Prediction:
 # --- the model ----------------------------------------------------------------------------
 
 
-def choose_variant(manifest: dict, requested: str | None) -> str:
+def choose_variant(manifest: dict, requested: str | None, run_dir: Path) -> str:
     """The requested variant, else the manifest's recommendation, else fp32."""
     available = manifest.get("artifacts") or {}
     if not available:
-        raise RunFolderError("the run has no exported model yet: run `pipeline export RUN` first")
+        raise RunFolderError(f"{run_dir}: the run has no exported model yet: run "
+                             f"`pipeline export --run {shlex.quote(str(run_dir))}` first")
     variant = requested or manifest.get("recommended") or "fp32"
     if variant not in available:
         raise RunFolderError(f"no variant {variant!r} in the manifest: available {', '.join(sorted(available))}")
@@ -119,7 +121,7 @@ def open_model(target: Path, config: PredictConfig) -> LoadedModel:
     target = Path(target)
     if target.is_dir():
         manifest = artifacts.read_manifest(target)
-        return _from_manifest(target, manifest, choose_variant(manifest, config.variant), config)
+        return _from_manifest(target, manifest, choose_variant(manifest, config.variant, target), config)
     if not target.is_file():
         raise RunFolderError(f"{target}: no such run folder or model file")
     if (target.parent / artifacts.MANIFEST).is_file():

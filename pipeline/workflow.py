@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -456,11 +457,12 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     manifest = artifacts.read_manifest(run_dir)
     fp32 = manifest.get("artifacts", {}).get("fp32")
     if not fp32:
-        raise artifacts.RunFolderError(f"{run_dir}: no fp32 artifact in the manifest: run `pipeline export {run_dir}` first")
+        raise artifacts.RunFolderError(f"{run_dir}: no fp32 artifact in the manifest: run "
+                                       f"`pipeline export --run {shlex.quote(str(run_dir))}` first")
     fp32_path = run_dir / fp32["file"]
     if not fp32_path.is_file() or artifacts.sha256_file(fp32_path) != fp32.get("sha256"):
         raise artifacts.RunFolderError(f"{fp32_path}: missing or not the file the manifest records (sha256 differs): "
-                                       f"re-run `pipeline export {run_dir}`")
+                                       f"re-run `pipeline export --run {shlex.quote(str(run_dir))}`")
     fp32_runtime = fp32.get("runtime") or dict(artifacts.DEFAULT_RUNTIME)
 
     step("load data")

@@ -8,6 +8,7 @@ folder it wrote, and put their result under their own key of `report` for `--jso
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -76,7 +77,8 @@ def export(
     config = ExportConfig(opset=opset, tolerance=tolerance, parity_batch_sizes=int_list(parity_batches, "--parity-batches"),
                           skip_simplify=skip_simplify)
     if fp16 and not quantize:
-        raise ConfigError("--fp16 is built by the quantize step: add --quantize (or run `pipeline quantize RUN --fp16`)")
+        raise ConfigError(f"--fp16 is built by the quantize step: add --quantize (or run "
+                          f"`pipeline quantize {shlex.quote(str(out or run))} --fp16` after the export)")
     # Built before the export, so a bad quantize option fails before any work.
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -58,4 +59,6 @@ def pack(
                       f"{sum(golden_files.values()):,}")
     console.print(table)
     top = next(iter(result.files)).split("/")[0]
-    typer.echo(f"{result.path}: tar xzf {result.path.name} && cd {top} && python device_runner.py --selftest")
+    # A command that works when pasted: quoted paths (a bundle may be "my photos.tar.gz"), from any folder.
+    typer.echo(f"{result.path}: tar xzf {shlex.quote(str(result.path))} && cd {shlex.quote(top)} "
+               "&& python device_runner.py --selftest")

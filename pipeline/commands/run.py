@@ -14,6 +14,7 @@ latency, training time) into bench.json's `dropout` section.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -234,7 +235,7 @@ def show(summary: dict) -> None:
     console.print(f"files: {summary['files']['manifest']}, {summary['files']['bench']}"
                   + (f"; {total:.0f} s in all ({stages})" if total else ""))
     typer.echo(f"{summary['run_dir']}: recommended {summary['recommended']}; dropout audit "
-               f"{'PASS' if audit['passed'] else 'FAIL'}; next: pipeline pack {summary['run_dir']}")
+               f"{'PASS' if audit['passed'] else 'FAIL'}; next: pipeline pack {shlex.quote(summary['run_dir'])}")
 
 
 def _ms(value: float | None) -> str:
