@@ -300,3 +300,45 @@ def test_predict_reads_mc_probabilities_and_uncertainty(mc_run):
     assert all(p.uncertainty is None and "uncertainty" not in p.to_dict() for p in plain)
     agreement = np.mean([a.top[0][0] == b.top[0][0] for a, b in zip(noisy, plain, strict=True)])
     assert agreement >= 0.6
+
+
+# --- the onnxsim step of the MC verification runs onnxsim's check and reads its verdict --------------
+
+
+def _random_mask_graph(path):
+    """x -> x * (RandomUniformLike(x) >= 0.5): the shape of an MC dropout graph, in microseconds."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("RandomUniformLike", ["x"], ["u"], dtype=TensorProto.FLOAT),
+             helper.make_node("GreaterOrEqual", ["u", "half"], ["keep"]),
+             helper.make_node("Cast", ["keep"], ["mask"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "mc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+                              initializer=[helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+def test_the_recorded_onnxsim_check_ran_and_is_its_verdict(tmp_path, monkeypatch, verdict):
+    import onnxsim
+
+    real, calls = onnxsim.simplify, []
+
+    def counting(model, *args, check_n=0, **kwargs):
+        calls.append(check_n)
+        simplified, ok = real(model, *args, check_n=check_n, **kwargs)
+        return simplified, ok and verdict
+
+    monkeypatch.setattr(onnxsim, "simplify", counting)
+    x = np.ones((2, 16), dtype=np.float32)
+    failures: list[str] = []
+    record = mc._check_onnxsim(_random_mask_graph(tmp_path / "m.onnx"), x, {"RandomUniformLike": 1}, {}, MCConfig(),
+                               failures)
+    assert len(calls) == 1 and calls[0] >= 1  # onnxsim was asked to check (its default, 0, checks nothing)
+    assert record["check"] is verdict
+    if verdict:
+        assert record["check_n"] == calls[0] and failures == [] and record["random_ops"] == {"RandomUniformLike": 1}
+    else:
+        assert failures and "own check failed" in failures[0]
