@@ -20,6 +20,18 @@ TINY_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 0, "seed": 
 QUICK_QUANTIZE = {"speed_seconds": 0.02, "speed_rounds": 1, "speed_batch": 32, "recipes": ("default",)}
 
 
+# Fixtures that train (or train and export) a real model. Any test that uses one, directly or through
+# another fixture, is marked slow here, so the fast suite (`make test-fast`) cannot grow a training by accident.
+TRAINING_FIXTURES = {"tiny_run_master", "exported_run_master"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def train_tiny_run(out: Path, **model_overrides):
     from pipeline.config import DataConfig, ModelConfig, TrainConfig
     from pipeline.workflow import train_run

@@ -38,6 +38,7 @@ def test_help_does_not_import_torch():
     assert "train" in out.stdout
 
 
+@pytest.mark.slow
 def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(tmp_path):
     out = tmp_path / "run"
     result = invoke("train", "--out", str(out), *TINY)
@@ -53,6 +54,7 @@ def test_train_writes_a_run_folder_and_refuses_to_overwrite_it(tmp_path):
     assert not (tmp_path / "run.partial").exists()
 
 
+@pytest.mark.slow
 def test_train_on_an_idx_folder(tmp_path):
     folder = write_idx_folder(tmp_path / "idx", n_per_class=20)
     result = invoke("train", "--dataset", "idx", "--data-dir", str(folder), "--out", str(tmp_path / "r"), *TINY[:-2])

@@ -280,9 +280,9 @@ def test_bare_onnx_needs_metadata_or_an_explicit_assumption(exported, tmp_path):
     with_metadata = tmp_path / "with" / "model.onnx"
     with_metadata.parent.mkdir()
     props = {p.key: p.value for p in proto.metadata_props}
-    if "labels" not in props:  # the export stage (issue 3) writes these; add them where it did not
-        proto.metadata_props.add(key="labels", value=json.dumps(manifest["labels"]))
-        proto.metadata_props.add(key="preprocess", value=json.dumps(manifest["preprocess"]))
+    # The export stage writes these into the file itself; the test must not add them (that hid a regression).
+    assert json.loads(props["labels"]) == manifest["labels"]
+    assert json.loads(props["preprocess"]) == manifest["preprocess"]
     onnx.save(proto, str(with_metadata))
     payload = predict_json(str(with_metadata), str(tmp_path / "x.npy"))
     assert payload["model"]["labels_from"] == "metadata"

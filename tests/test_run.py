@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,11 +90,29 @@ def test_summary_is_read_back_from_the_files(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_table_output(finished):
-    out, _ = finished
-    from pipeline.commands.run import show
+def test_table_output_shows_what_the_files_say(finished, monkeypatch, capsys):
+    from rich.console import Console
 
-    show(summarize(out, {"total": 1.0}))  # renders without error on the real files
+    from pipeline.commands import run as run_command
+
+    out, _ = finished
+    console = Console(record=True, width=250, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the test
+    monkeypatch.setattr(run_command, "console", console)
+    summary = summarize(out, {"total": 1.0, "train": 0.6})
+    run_command.show(summary)
+    text = console.export_text()
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in text.splitlines() if line.startswith("│")}
+    for name, variant in summary["variants"].items():
+        mark = " *" if name == summary["recommended"] else ""
+        assert rows[name + mark] == [variant["file"], f"{variant['bytes']:,}", f"{100 * variant['test_accuracy']:.2f}%",
+                                     run_command._ms(variant["p50_ms"]["1"]), run_command._ms(variant["p50_ms"]["8"])]
+    eager = summary["torch_eager"]
+    assert rows["torch eager"] == ["checkpoint.pt", "", f"{100 * eager['test_accuracy']:.2f}%",
+                                   run_command._ms(eager["p50_ms"]["1"]), run_command._ms(eager["p50_ms"]["8"])]
+    assert f"dropout audit: {summary['dropout_audit']['text']}" in " ".join(text.split())
+    assert f"recommended (*): {summary['recommended']}:" in text
+    assert capsys.readouterr().out.strip().endswith(f"next: pipeline pack {out}")
 
 
 def test_audit_verdict_fails_on_a_failed_check(exported_run_master):

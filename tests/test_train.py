@@ -28,6 +28,7 @@ def _weights(checkpoint):
     return torch.load(checkpoint, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_better_than_chance(tmp_path):
     first, second = _train(tmp_path, "a"), _train(tmp_path, "b")
     a, b = _weights(first.checkpoint), _weights(second.checkpoint)
@@ -37,6 +38,7 @@ def test_same_seed_same_weights_and_better_than_chance(tmp_path):
     assert not all(torch.equal(a[k], other[k]) for k in a)  # negative control: the seed matters
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reaches_the_same_weights(tmp_path):
     uninterrupted = _train(tmp_path, "full")
 
@@ -54,6 +56,7 @@ def test_resume_after_interruption_reaches_the_same_weights(tmp_path):
     assert [h.epoch for h in resumed.history] == list(range(1, TINY_TRAIN["epochs"] + 1))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_before_the_last_epoch(tmp_path):
     # lr so large that validation loss cannot improve for long: patience 1 must end the run early.
     result = _train(tmp_path, "es", epochs=20, patience=1, lr=0.5)
