@@ -36,7 +36,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline import manifest as schema
-from pipeline.errors import RunFolderError
+from pipeline.errors import PipelineError, RunFolderError
 
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.pt"
@@ -276,8 +276,8 @@ def _lock_path(run_dir: Path) -> Path:
     return run_dir.with_name(f".{run_dir.name}.lock")
 
 
-def check_writable(run_dir: Path) -> None:
-    """Refuse (exit 4) a run folder this process cannot change, before any work is done."""
+def check_writable(run_dir: Path, hint: str = "copy the run folder somewhere writable") -> None:
+    """Refuse (exit 4) a run folder this process cannot change, before any work is done; `hint` says what to do."""
     run_dir = Path(run_dir)
     for folder in (run_dir, run_dir.parent):
         # A real probe, not os.access: root passes os.access on a read-only filesystem.
@@ -287,14 +287,14 @@ def check_writable(run_dir: Path) -> None:
             os.unlink(probe)
         except OSError as exc:
             raise RunFolderError(f"{folder}: not writable ({exc.strerror}), so {run_dir} cannot be changed; "
-                                 "copy the run folder somewhere writable") from None
+                                 f"{hint}") from None
 
 
 @contextlib.contextmanager
-def run_writer(run_dir: Path) -> Iterator[None]:
+def run_writer(run_dir: Path, hint: str = "copy the run folder somewhere writable") -> Iterator[None]:
     """Hold the one-writer lock of a run folder; a second writer is refused at once with one line (exit 4)."""
     run_dir = Path(run_dir)
-    check_writable(run_dir)
+    check_writable(run_dir, hint)
     with open(_lock_path(run_dir), "a+") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -333,5 +333,9 @@ def staged_update(run_dir: Path) -> Iterator[Path]:
             shutil.copytree(run_dir, staging, symlinks=True)
             yield staging
             swap_folders(staging, run_dir)
+        except PipelineError as exc:
+            # Raised inside, the message names the private copy; the user knows (and pastes) the run folder.
+            exc.args = tuple(a.replace(str(staging), str(run_dir)) if isinstance(a, str) else a for a in exc.args)
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # the failed copy, or the old run after the swap

@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import shlex
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -633,18 +632,17 @@ def outcome_error(records: Sequence[dict]) -> PipelineError | None:
     return None
 
 
-def writable_folder(folder: Path, hint: str) -> Path:
-    """`folder`, created if need be, after proving a file can be written there; `RunFolderError` if not.
+def output_folder(folder: Path, hint: str) -> Path:
+    """`folder`, created if need be; `RunFolderError` (exit 4, with `hint`) when it cannot be made or written.
 
-    Checked before any timing, so a read-only run folder costs no benchmark (and loses no --json output).
+    Called before any timing, so a read-only run folder costs no benchmark (and loses no --json output).
     """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
-            pass
     except OSError as exc:
-        raise RunFolderError(f"{folder} is not writable ({exc.strerror}): {hint}") from None
+        raise RunFolderError(f"cannot create {folder} ({exc.strerror}): {hint}") from None
+    artifacts.check_writable(folder, hint)
     return folder
 
 
@@ -655,4 +653,4 @@ def check_targets(targets: Sequence) -> None:
 
 __all__ = ["BENCH_JSON", "BENCH_PNG", "BenchError", "BenchResult", "ModelFileError", "OnnxTarget", "Slot",
            "benchmark", "check_targets", "environment", "file_targets", "inputs_for", "merge", "outcome_error", "publish",
-           "read_bench", "run_targets", "schema_problems", "summarize", "time_interleaved", "writable_folder"]
+           "output_folder", "read_bench", "run_targets", "schema_problems", "summarize", "time_interleaved"]

@@ -55,10 +55,11 @@ def _root(
 # to resume) raise `Interrupted` themselves; these are for the rest. Keep each one true.
 INTERRUPTED = {
     "bench": "bench.json and bench.png are unchanged (they are replaced only when a benchmark completes)",
-    "export": "files written before the interruption may remain beside the manifest; the same command again "
-              "rewrites them",
-    "quantize": "files written before the interruption may remain beside the manifest; the same command again "
-                "rewrites them",
+    # export, quantize and MC export each publish files and manifest in one step when they complete
+    # (artifacts.staged_update); `export --quantize` is two such stages, so the first may have landed.
+    "export": "nothing of the interrupted stage was kept; stages that had completed (the fp32 export before "
+              "--quantize) were published whole",
+    "quantize": "the run folder is unchanged (quantize publishes its files and manifest together, when it completes)",
     "pack": "no archive was written (it is renamed into place only when complete)",
     "predict": "nothing was written",
     "inspect": "nothing was written",

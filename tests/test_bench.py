@@ -314,16 +314,15 @@ def test_failed_targets_make_a_non_zero_exit_but_keep_what_ran(tmp_path):
 def test_a_read_only_run_folder_is_refused_before_any_timing(linear_run, tmp_path, monkeypatch):
     """Read-only is simulated where the probe writes (the tests may run as root, which chmod does not stop)."""
     import errno
-    import tempfile
 
-    real = tempfile.NamedTemporaryFile
+    real = artifacts.tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):
-        if Path(dir) == linear_run:
+        if Path(dir) in (linear_run, linear_run.resolve()):
             raise OSError(errno.EROFS, "Read-only file system")
         return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(bench.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(artifacts.tempfile, "mkstemp", read_only)
     timed = []
     real_benchmark = bench.benchmark
     monkeypatch.setattr(bench, "benchmark", lambda *a, **k: timed.append(1) or real_benchmark(*a, **k))
@@ -490,3 +489,14 @@ def test_bench_reads_the_manifest_export_run_writes(exported_run):
     assert [r["batch"] for r in fp32] == [1, 4] and all("speedup_vs_torch" in r for r in fp32)
     manifest_runtime = artifacts.read_manifest(exported_run)["artifacts"]["fp32"].get("runtime", {})
     assert all(r["optimization_level"] == manifest_runtime.get("graph_optimization_level", "all") for r in fp32)
+
+
+def test_a_bench_is_refused_while_another_writer_holds_the_folder(linear_run, tmp_path):
+    """One writer per run folder: an export (or bench) in progress there makes bench refuse with one line."""
+    before = _snapshot(linear_run)
+    with artifacts.run_writer(linear_run):
+        result = _bench(linear_run, "--batch-sizes", "1")
+    assert result.exit_code == 4, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "is being changed by" in result.output
+    assert _snapshot(linear_run) == before
+    assert _bench(linear_run, "--batch-sizes", "1").exit_code == 0  # control: free again, it runs

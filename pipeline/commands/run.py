@@ -114,7 +114,7 @@ def _pipeline(stage, run_dir: Path, twin_dir: Path | None, data_config, model_co
     """The stages in order; each is the workflow call its own command makes."""
     import dataclasses
 
-    from pipeline import bench
+    from pipeline import artifacts, bench
     from pipeline.baseline import run_baseline
     from pipeline.workflow import export_run, quantize_run, train_run
 
@@ -127,16 +127,17 @@ def _pipeline(stage, run_dir: Path, twin_dir: Path | None, data_config, model_co
         stage("export dropout-0 twin", export_run, twin_dir, export_config)
 
     def measure():
-        targets = bench.run_targets(run_dir)
-        baseline = run_baseline(run_dir) if bench_config.baseline else None
-        if baseline is not None:
-            targets.append(baseline)
-        result = bench.benchmark(targets, bench_config)
-        if twin_dir is not None:
-            from pipeline import dropout_cost
+        with artifacts.run_writer(run_dir):  # as `pipeline bench`: no stage swaps the folder under it
+            targets = bench.run_targets(run_dir)
+            baseline = run_baseline(run_dir) if bench_config.baseline else None
+            if baseline is not None:
+                targets.append(baseline)
+            result = bench.benchmark(targets, bench_config)
+            if twin_dir is not None:
+                from pipeline import dropout_cost
 
-            result.extra["dropout"] = dropout_cost.compare(run_dir, twin_dir, bench_config)
-        bench.publish(result, run_dir, str(run_dir))
+                result.extra["dropout"] = dropout_cost.compare(run_dir, twin_dir, bench_config)
+            bench.publish(result, run_dir, str(run_dir))
         problem = bench.outcome_error(result.records)
         if problem is not None:
             raise problem
