@@ -146,3 +146,22 @@ def test_the_pack_hint_unpacks_the_bundle_when_pasted(tmp_path):
     done = subprocess.run(["bash", "-c", f"{command} && ls"], cwd=elsewhere, capture_output=True, text=True)
     assert done.returncode == 0, (command, done.stderr)
     assert "device_runner.py" in done.stdout.split()
+
+
+def test_ctrl_c_in_quantize_says_the_folder_is_unchanged_and_it_is(tmp_path, monkeypatch):
+    """The interrupt message is a claim about the files: check it against the files."""
+    from pipeline import workflow
+
+    run = write_run(tmp_path / "r", files={"fp32": linear_model(tmp_path / "model.onnx")})
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def interrupted(stage, *args, **kwargs):
+        (stage / "model.int8.onnx").write_bytes(b"half-written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "_quantize", interrupted)
+    result = invoke("quantize", run, "--no-speed-check")
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == ("error: interrupted: the run folder is unchanged (quantize publishes its files "
+                                     "and manifest together, when it completes)")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
