@@ -7,9 +7,12 @@ The folders have spaces in their names on purpose: an unquoted path in a hint sp
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -132,20 +135,29 @@ def test_ctrl_c_in_each_stage_of_run_names_commands_that_parse(root, stage):
 
 
 def test_the_pack_hint_unpacks_the_bundle_when_pasted(tmp_path):
-    """Run for real: `tar xzf 'my photos.tar.gz' && cd TOP` from another folder."""
+    """Run for real, whole: `tar xzf '.../my photos.tar.gz' && cd 'my photos' && python device_runner.py --selftest`."""
     run = write_run(tmp_path / "my run", files={"fp32": linear_model(tmp_path / "model.onnx")})
-    artifacts.update_manifest(run, lambda m: m.update(labels=list("0123456789"), preprocess={
-        "size": [8, 8], "channels": 1, "scale": 1 / 16, "mean": [0.0], "std": [1.0]}))
+    from pipeline.onnxfile import io_signature, load_model
+
+    signature = io_signature(load_model(run / "model.onnx"))
+
+    def as_exported(manifest):  # what export records and the device runner reads
+        manifest.update(labels=list("0123456789"),
+                        preprocess={"size": [8, 8], "channels": 1, "scale": 1 / 16, "mean": [0.0], "std": [1.0]})
+        manifest["artifacts"]["fp32"].update(input=signature["inputs"][0], output=signature["outputs"][0])
+
+    artifacts.update_manifest(run, as_exported)
     bundle = tmp_path / "my photos.tar.gz"
-    result = invoke("pack", run, "--out", bundle)
+    result = invoke("pack", run, "--out", bundle, "--golden", "0")
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]
-    command = line.split(": ", 1)[1].removesuffix(" && python device_runner.py IMAGE...")
+    command = line.split(": ", 1)[1]
     elsewhere = tmp_path / "device"
     elsewhere.mkdir()
-    done = subprocess.run(["bash", "-c", f"{command} && ls"], cwd=elsewhere, capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # `python` = ours
+    done = subprocess.run(["bash", "-c", command], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, (command, done.stderr)
-    assert "device_runner.py" in done.stdout.split()
+    assert (elsewhere / "my photos" / "device_runner.py").is_file()
 
 
 def test_ctrl_c_in_quantize_says_the_folder_is_unchanged_and_it_is(tmp_path, monkeypatch):
