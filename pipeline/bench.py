@@ -477,7 +477,7 @@ ENVIRONMENT_KEYS = ("cpu_model", "cpu_flags", "logical_cores", "usable_cores", "
                     "onnxruntime_providers")
 VERSION_KEYS = ("torch", "onnx", "onnxruntime")
 RECORD_KEYS = ("artifact", "kind", "engine", "provider", "provider_name", "batch", "threads", "threads_source", "status",
-               "reason", "created")
+               "reason")
 TIMED_KEYS = ("session_providers", "session_create_ms", "first_run_ms", "optimization_level", "io_binding", "warmup_runs",
               "runs", "stopped_by", "latency_ms", "cv", "throughput_ips")
 LATENCY_KEYS = ("p50", "p90", "p99", "mean", "std", "min", "max")
@@ -498,7 +498,7 @@ def schema_problems(doc: dict) -> list[str]:
         problems.append("two records of one (artifact, engine, provider, batch, threads)")
     for i, r in enumerate(doc.get("records", [])):
         where = f"records[{i}] ({r.get('artifact')}, {r.get('provider')}, batch {r.get('batch')})"
-        problems += [f"{where} lacks {k!r}" for k in RECORD_KEYS if k not in r]
+        problems += [f"{where} lacks {k!r}" for k in (*RECORD_KEYS, "created") if k not in r]
         if "created" in r and r["created"] not in invoked:
             problems.append(f"{where} was created {r['created']}, by no benchmark listed in invocations")
         if r.get("status") not in STATUSES:
