@@ -614,14 +614,16 @@ def outcome_error(records: Sequence[dict]) -> PipelineError | None:
 
     Nothing timed: `DeviceError` (exit 6) when every failure is an unavailable provider, else
     `BenchError`. Something timed: a `failed` record is a `BenchError`; an `unavailable` one is
-    fine, since another provider the user listed beside it ran.
+    fine, since another provider the user listed beside it ran, and so is a `refused` one (an
+    engine whose outputs disagreed with ONNX Runtime fp32: a verdict, reported, not a crash).
     """
     timed = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] == "failed"]
     unavailable = [r for r in records if r["status"] == "unavailable"]
     if not timed:
-        if failed or not unavailable:
-            reasons = "; ".join(dict.fromkeys(f"{r['artifact']}: {r['reason']}" for r in failed)) or "no measurement"
+        not_run = failed + [r for r in records if r["status"] == "refused"]
+        if not_run or not unavailable:
+            reasons = "; ".join(dict.fromkeys(f"{r['artifact']}: {r['reason']}" for r in not_run)) or "no measurement"
             return BenchError(f"nothing was timed ({reasons}); no file was changed")
         reasons = "; ".join(dict.fromkeys(f"{r['provider']}: {r['reason']}" for r in unavailable))
         return DeviceError(f"nothing was timed: {reasons}; no file was changed")

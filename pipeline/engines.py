@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import BENCH_ENGINES
-from pipeline.errors import DeviceError
+from pipeline.errors import ConfigError, DeviceError
 from pipeline.timing import Slot
 
 ONNXRUNTIME = "onnxruntime"
@@ -50,7 +50,7 @@ CHECK_BATCH = 500
 def engine_module(engine: str) -> str:
     """The Python module an engine needs: `openvino` for both OpenVINO precisions."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+        raise ConfigError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     return "onnxruntime" if engine == ONNXRUNTIME else "openvino"
 
 

@@ -357,10 +357,10 @@ def predict(target: Path, inputs: list[Path], config: PredictConfig) -> tuple[Lo
         from pipeline import deployments, engines
 
         manifest = artifacts.read_manifest(target)
-        choose_variant(manifest, None)  # a run without artifacts fails here, as before
+        choose_variant(manifest, None, target)  # a run without artifacts fails here, as before
         samples = read_inputs(inputs, Preprocess.from_dict(manifest["preprocess"]), invert=config.invert)
         choice = deployments.follow(manifest, max(len(samples), 1), engines.available)
-        model = _from_manifest(target, manifest, choose_variant(manifest, choice.artifact), config, choice.engine,
+        model = _from_manifest(target, manifest, choose_variant(manifest, choice.artifact, target), config, choice.engine,
                                choice.threads, choice.note)
         return model, classify(model, samples, config.top_k)
     model = open_model(target, config)
