@@ -16,6 +16,8 @@ DATASETS = ("digits", "idx", "folder", "npz")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
+RESIZE_MODES = ("squash", "pad", "crop")  # = pipeline.images.RESIZE_MODES (this module imports nothing heavy)
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 def _refuse_unknown_fields(cls: type, data: dict, what: str) -> None:
@@ -54,7 +56,16 @@ class DataConfig:
     data_dir: Path | None = None
     """Folder of IDX files or of class sub-folders, or the `.npz` file. Unused for `digits`."""
     image_size: tuple[int, int] | None = None
-    """(H, W) every image is resized to (bilinear, any source). Required for `folder`; None keeps the stored size."""
+    """(H, W) every image is resized to (bilinear, any source). None keeps the stored size; for `folder`
+    that needs every image to have the same size (else the error lists the sizes found)."""
+    resize: str = "squash"
+    """How an image of another aspect ratio reaches `image_size`: `squash` (stretch), `crop` (scale to cover,
+    cut the centre) or `pad` (scale to fit, centre on black). Recorded in `Preprocess.resize` for the device."""
+    on_bad_image: str = "fail"
+    """`fail`: an unreadable image file stops the command, and the error names every one of them.
+    `skip`: they are left out and listed in the run folder (`skipped_images.json`)."""
+    cache_dir: Path | None = None
+    """Folder of the decoded-image cache of `folder` sources. None: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline."""
     channels: int | None = None
     """1 or 3 for `folder`; None decides from the images (grayscale if all are)."""
     test_fraction: float = 0.2
@@ -70,12 +81,17 @@ class DataConfig:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.dataset != "digits":
             _require(self.data_dir is not None, f"--data-dir is required for dataset {self.dataset!r}")
-        if self.dataset == "folder":
-            _require(self.image_size is not None, "--image-size is required for dataset 'folder'")
+        # Relative paths are resolved now, so that a run made here can be exported from anywhere.
+        for name in ("data_dir", "cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
         if self.image_size is not None:
             _require(len(self.image_size) == 2 and all(s >= 1 for s in self.image_size),
                      f"image size must be two positive integers, got {self.image_size}")
         _require(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _require(self.resize in RESIZE_MODES, f"unknown resize mode {self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        _require(self.on_bad_image in BAD_IMAGE_POLICIES,
+                 f"unknown bad-image policy {self.on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
         _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1), got {self.test_fraction}")
         _require(0.0 < self.val_fraction < 1.0, f"validation fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.max_train_samples is None or self.max_train_samples >= 10,
@@ -86,6 +102,7 @@ class DataConfig:
         """Rebuild from a checkpoint's or manifest's plain dict (strings back to paths, lists to tuples)."""
         _refuse_unknown_fields(cls, data, "data")
         return cls(**{**data, "data_dir": Path(data["data_dir"]) if data.get("data_dir") else None,
+                      "cache_dir": Path(data["cache_dir"]) if data.get("cache_dir") else None,
                       "image_size": tuple(data["image_size"]) if data.get("image_size") else None})
 
 

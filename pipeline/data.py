@@ -21,8 +21,18 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.images import (  # noqa: F401  (load_image, IMAGE_SUFFIXES: re-exported for readers of single files)
+    GRAY_MODES,
+    IMAGE_SUFFIXES,
+    UnreadableImageError,
+    decode,
+    fit,
+    is_hidden,
+    is_image_name,
+    load_image,
+    probe,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # IDX element types (third byte of the magic number) -> numpy big-endian dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -36,6 +46,8 @@ class Preprocess:
     scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: str = "squash"
+    """How an image of another size or aspect ratio becomes `size`: squash, crop or pad (`pipeline.images`)."""
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """Raw pixels (N, C, H, W) -> normalized float32 model input."""
@@ -47,14 +59,14 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "channels": self.channels, "scale": self.scale,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
         try:
             return cls(size=(int(data["size"][0]), int(data["size"][1])), channels=int(data["channels"]),
                        scale=float(data["scale"]), mean=tuple(float(m) for m in data["mean"]),
-                       std=tuple(float(s) for s in data["std"]))
+                       std=tuple(float(s) for s in data["std"]), resize=str(data.get("resize", "squash")))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DataError(f"invalid preprocess record {data!r}: {exc}") from None
 
@@ -73,9 +85,25 @@ class Splits:
     preprocess: Preprocess
     source: str
     fingerprint: str
+    bad: tuple[tuple[str, str], ...] = ()
+    """(file, reason) of unreadable images left out (`--on-bad-image skip`)."""
+    ignored: tuple[tuple[str, str], ...] = ()
+    """(file, reason) of files in the source that are not read as images (not an image, outside a class folder)."""
 
     def sizes(self) -> dict:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def record(self, config: DataConfig) -> dict:
+        """The manifest's "dataset" section: where the data came from, what was left out, how it was split."""
+        from pipeline.config import to_dict
+
+        return {"source": self.source, "fingerprint": self.fingerprint, "sizes": self.sizes(),
+                "config": to_dict(config), "skipped_images": len(self.bad), "ignored_files": len(self.ignored)}
+
+    def skipped_record(self) -> dict:
+        """`skipped_images.json`: every file of the source that is not in the splits, and why."""
+        return {"source": self.source, "unreadable": [{"file": f, "reason": r} for f, r in self.bad],
+                "ignored": [{"file": f, "reason": r} for f, r in self.ignored]}
 
 
 @dataclass(frozen=True)
@@ -89,6 +117,9 @@ class _Raw:
     labels: tuple[str, ...]
     scale: float
     source: str
+    resize: str = "squash"
+    bad: tuple[tuple[str, str], ...] = ()
+    ignored: tuple[tuple[str, str], ...] = ()
 
 
 def load(config: DataConfig) -> Splits:
@@ -97,12 +128,12 @@ def load(config: DataConfig) -> Splits:
     raw = readers[config.dataset](config)
     _check_finite(raw)
     if config.image_size is not None and raw.x.shape[2:] != tuple(config.image_size):
-        raw = _resized(raw, config.image_size)  # a folder's images were resized as they were read
+        raw = _resized(raw, config.image_size, config.resize)  # a folder's images were resized as they were read
     return _split(raw, config)
 
 
-def _resized(raw: _Raw, size: tuple[int, int]) -> _Raw:
-    """Every image resized to `size` (H, W) with the bilinear filter `load_image` uses, in the source's own range."""
+def _resized(raw: _Raw, size: tuple[int, int], mode: str) -> _Raw:
+    """Every image resized to `size` (H, W) as `images.fit` does for files, in the source's own range."""
     from PIL import Image
 
     def resize(x: np.ndarray) -> np.ndarray:
@@ -110,11 +141,11 @@ def _resized(raw: _Raw, size: tuple[int, int]) -> _Raw:
         for i, image in enumerate(x):
             for c, plane in enumerate(image):  # mode "F": 32-bit float planes, no rounding to 8 bits
                 resized = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
-                out[i, c] = np.asarray(resized.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+                out[i, c] = np.asarray(fit(resized, size, mode))
         return out
 
-    return replace(raw, x=resize(raw.x), x_test=None if raw.x_test is None else resize(raw.x_test),
-                   source=f"{raw.source}, resized to {size[0]}x{size[1]}")
+    return replace(raw, x=resize(raw.x), x_test=None if raw.x_test is None else resize(raw.x_test), resize=mode,
+                   source=f"{raw.source}, resized to {size[0]}x{size[1]}" + ("" if mode == "squash" else f" ({mode})"))
 
 
 def load_trained_on(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
@@ -211,46 +242,136 @@ def _read_idx_dir(config: DataConfig) -> _Raw:
     return _Raw(x, y, x_test, y_test, tuple(str(i) for i in range(num_classes)), _scale_for(x), source)
 
 
-def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One PNG/JPEG -> raw pixels (channels, H, W) float32 in 0-255, resized to `size` (H, W)."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class FolderListing:
+    """The image files of a class-per-folder source, found but not decoded.
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from None
-    return pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
+    A class is a top-level sub-folder; images in sub-folders below it (`cats/2019/a.jpg`) belong to
+    that class. Hidden files and folders (`.DS_Store`, `._a.png` resource forks) are never images.
+    Everything else that is not taken as an image is listed in `ignored`, with the reason.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[str, ...]
+    """Paths relative to `root`, POSIX style, sorted within each class."""
+    labels: np.ndarray
+    stats: tuple[tuple[int, int], ...]
+    """(size in bytes, mtime in ns) of every file: what decides whether a decoded cache is still current."""
+    ignored: tuple[tuple[str, str], ...]
+    """(relative path, reason) of files that are not read: not an image, not inside a class folder."""
+
+
+def list_folder(folder: Path) -> FolderListing:
+    """Walk a class-per-folder source; `DataError` if it has fewer than 2 classes holding images."""
+    import os
+
+    folder = _existing_dir(folder)
+    ignored: list[tuple[str, str]] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and not is_hidden(entry.name):
+            reason = "an image outside any class folder" if is_image_name(entry.name) else "not a class folder"
+            ignored.append((entry.name, reason))
+    classes, files, labels, stats = [], [], [], []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
+        found = []
+        for top, dirs, names in os.walk(class_dir):
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            for name in names:
+                if is_hidden(name):
+                    continue
+                relative = Path(top, name).relative_to(folder).as_posix()
+                if is_image_name(name):
+                    found.append(relative)
+                else:
+                    ignored.append((relative, f"not an image ({', '.join(IMAGE_SUFFIXES)})"))
+        if not found:
+            ignored.append((class_dir.name + "/", "a folder without images: not a class"))
+            continue
+        for relative in sorted(found):
+            info = (folder / relative).stat()
+            files.append(relative)
+            labels.append(len(classes))
+            stats.append((info.st_size, info.st_mtime_ns))
+        classes.append(class_dir.name)
+    if len(classes) < 2:
+        raise DataError(f"{folder}: need at least 2 class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)}), "
+                        f"found {len(classes)}")
+    return FolderListing(folder, tuple(classes), tuple(files), np.asarray(labels, dtype=np.int64), tuple(stats),
+                         tuple(sorted(ignored)))
+
+
+def decide_shape(listing: FolderListing, probes: list, config: DataConfig) -> tuple[tuple[int, int], int]:
+    """((H, W), channels) of the decoded images: as configured, else from the headers of the readable files.
+
+    `probes` holds (mode, (H, W)) per file, or None for a file whose header is unreadable.
+    """
+    readable = [p for p in probes if p is not None]
+    if not readable:
+        raise DataError(f"{listing.root}: none of the {len(probes)} image files is readable")
+    channels = config.channels or (1 if all(mode in GRAY_MODES for mode, _ in readable) else 3)
+    if config.image_size is not None:
+        return tuple(config.image_size), channels
+    sizes: dict[tuple[int, int], int] = {}
+    for _, size in readable:
+        sizes[size] = sizes.get(size, 0) + 1
+    if len(sizes) > 1:
+        common = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[1])[:5])
+        raise DataError(f"{listing.root}: the images have {len(sizes)} different sizes ({common}); "
+                        "pass --image-size HxW, and --resize squash|pad|crop for other aspect ratios")
+    return next(iter(sizes)), channels
+
+
+def bad_files_error(root: Path, bad: list[tuple[str, str]]) -> DataError:
+    """One line naming every unreadable file, with what to do about it."""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in bad)
+    return DataError(f"{root}: {len(bad)} unreadable image file{'s' if len(bad) > 1 else ''}: {listed}; "
+                     "pass --on-bad-image skip to leave them out (they are then listed in the run folder)")
 
 
 def _read_image_folder(config: DataConfig) -> _Raw:
-    from PIL import Image, UnidentifiedImageError
+    listing = list_folder(config.data_dir)
+    probes, bad = [], []
+    for relative in listing.files:
+        try:
+            probes.append(probe(listing.root / relative))
+        except UnreadableImageError as exc:
+            probes.append(None)
+            bad.append((relative, exc.reason))
+    size, channels = decide_shape(listing, probes, config)
+    x = np.zeros((len(listing.files), channels, *size), dtype=np.uint8)
+    for i, relative in enumerate(listing.files):
+        if probes[i] is None:
+            continue
+        try:
+            x[i] = decode(listing.root / relative, size, channels, config.resize)
+        except UnreadableImageError as exc:
+            bad.append((relative, exc.reason))
+    return _folder_raw(listing, x, bad, config)
 
-    folder = _existing_dir(config.data_dir)
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
-    files = {name: paths for name, paths in files.items() if paths}
-    if len(files) < 2:
-        raise DataError(f"{folder}: need at least 2 class sub-folders holding PNG/JPEG images, found {len(files)}")
-    channels = config.channels
-    if channels is None:
-        def is_gray(path: Path) -> bool:
-            try:
-                with Image.open(path) as image:
-                    return image.mode in ("L", "1", "I", "I;16", "LA")
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{path}: unreadable image: {exc}") from None
-        channels = 1 if all(is_gray(p) for paths in files.values() for p in paths) else 3
-    x, y = [], []
-    for label, paths in enumerate(files.values()):
-        for path in paths:
-            x.append(load_image(path, config.image_size, channels))
-            y.append(label)
-    return _Raw(np.stack(x), np.asarray(y, dtype=np.int64), None, None, tuple(files), 1.0 / 255.0,
-                f"image folder {folder} ({len(x)} images, {len(files)} classes)")
+
+def _folder_raw(listing: FolderListing, x, bad: list[tuple[str, str]], config: DataConfig) -> _Raw:
+    """The readable images of a folder source, after the bad-image policy."""
+    bad = sorted(bad)
+    if bad and config.on_bad_image == "fail":
+        raise bad_files_error(listing.root, bad)
+    bad_names = {name for name, _ in bad}
+    keep = np.asarray([i for i, name in enumerate(listing.files) if name not in bad_names], dtype=np.int64)
+    y = listing.labels[keep]
+    classes = [c for k, c in enumerate(listing.classes) if np.any(y == k)]
+    if len(classes) < 2:
+        raise DataError(f"{listing.root}: fewer than 2 classes hold readable images")
+    if len(classes) < len(listing.classes):  # a class whose every image is bad: relabel the rest 0..K-1
+        old_to_new = {listing.classes.index(c): k for k, c in enumerate(classes)}
+        y = np.asarray([old_to_new[int(v)] for v in y], dtype=np.int64)
+    text = (f"image folder {listing.root} ({len(keep)} images, {len(classes)} classes"
+            + (f", {len(bad)} unreadable skipped" if bad else "") + ")")
+    return _Raw(_take(x, keep), y, None, None, tuple(classes), 1.0 / 255.0, text,
+                resize=config.resize, bad=tuple(bad), ignored=listing.ignored)
+
+
+def _take(x, keep: np.ndarray):
+    return x[keep].astype(np.float32) if len(keep) < len(x) else x.astype(np.float32)
 
 
 def _read_npz(config: DataConfig) -> _Raw:
@@ -326,37 +447,67 @@ def _check_finite(raw: _Raw) -> None:
             raise DataError(f"{raw.source}: {name} contain {int(np.sum(~np.isfinite(x)))} NaN or infinite values")
 
 
-def _stratified(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, what: str):
+def _check_class_sizes(y: np.ndarray, labels: tuple[str, ...], needed: int, what: str) -> None:
+    """Every class must have `needed` images for the stratified splits; name the ones that do not."""
+    counts = np.bincount(y, minlength=len(labels))
+    short = [f"class {labels[k]!r} has {int(n)} image{'' if n == 1 else 's'}" for k, n in enumerate(counts) if 0 < n < needed]
+    if short:
+        raise DataError(f"{'; '.join(short)}; each class needs at least {needed} for a stratified split ({what})")
+
+
+def _stratified(y: np.ndarray, index: np.ndarray, fraction: float, seed: int, what: str,
+                labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) positions of `index`, stratified by the labels `y[index]`."""
     from sklearn.model_selection import train_test_split
 
+    classes = len(np.unique(y[index]))
     # At least one image of each class on the held-out side, so tiny datasets still split.
-    held_out = max(math.ceil(fraction * len(y)), len(np.unique(y)))
+    held_out = max(math.ceil(fraction * len(index)), classes)
     try:
-        return train_test_split(x, y, test_size=held_out, stratify=y, random_state=seed)
+        kept, out = train_test_split(index, test_size=held_out, stratify=y[index], random_state=seed)
     except ValueError as exc:
-        raise DataError(f"cannot split off a stratified {what} set: {exc}") from None
+        counts = np.bincount(y[index], minlength=len(labels))
+        smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+        raise DataError(f"cannot split off a stratified {what} set of {held_out} from {len(index)} images "
+                        f"({classes} classes, the smallest {labels[smallest]!r} with {int(counts[smallest])}): "
+                        f"{' '.join(str(exc).split())}") from None
+    return kept, out
+
+
+def split_indices(y: np.ndarray, y_test: np.ndarray | None, labels: tuple[str, ...],
+                  config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(train, validation, test) positions into `y` (test None: the source has its own test split)."""
+    own_test = y_test is not None
+    _check_class_sizes(y, labels, 2 if own_test else 3,
+                       "training and validation" if own_test else "training, validation and test")
+    index = np.arange(len(y))
+    test = None
+    if not own_test:
+        index, test = _stratified(y, index, config.test_fraction, config.seed, "test", labels)
+    train, val = _stratified(y, index, config.val_fraction, config.seed + 1, "validation", labels)
+    if config.max_train_samples is not None and config.max_train_samples < len(train):
+        train, _ = _stratified(y, train, 1 - config.max_train_samples / len(train), config.seed + 2,
+                               "reduced training", labels)
+    return train, val, test
 
 
 def _split(raw: _Raw, config: DataConfig) -> Splits:
-    if raw.x_test is None:
-        x, x_test, y, y_test = _stratified(raw.x, raw.y, config.test_fraction, config.seed, "test")
-    else:
-        x, y, x_test, y_test = raw.x, raw.y, raw.x_test, raw.y_test
-    x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, config.seed + 1, "validation")
-    if config.max_train_samples is not None and config.max_train_samples < len(y_train):
-        x_train, _, y_train, _ = _stratified(x_train, y_train, 1 - config.max_train_samples / len(y_train),
-                                             config.seed + 2, "reduced training")
-    preprocess = _measure_preprocess(x_train, raw.scale)
+    train, val, test = split_indices(raw.y, raw.y_test, raw.labels, config)
+    x_test, y_test = (raw.x[test], raw.y[test]) if test is not None else (raw.x_test, raw.y_test)
+    x_train, y_train, x_val, y_val = raw.x[train], raw.y[train], raw.x[val], raw.y[val]
+    preprocess = _measure_preprocess(x_train, raw.scale, raw.resize)
     arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_val, y_val, x_test, y_test)]
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(array.tobytes())
-    return Splits(*arrays, labels=raw.labels, preprocess=preprocess, source=raw.source, fingerprint=digest.hexdigest())
+    return Splits(*arrays, labels=raw.labels, preprocess=preprocess, source=raw.source, fingerprint=digest.hexdigest(),
+                  bad=raw.bad, ignored=raw.ignored)
 
 
-def _measure_preprocess(x_train: np.ndarray, scale: float) -> Preprocess:
+def _measure_preprocess(x_train: np.ndarray, scale: float, resize: str = "squash") -> Preprocess:
     scaled = x_train.astype(np.float64) * scale
     mean = scaled.mean(axis=(0, 2, 3))
     std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-6)  # a constant channel must not divide by 0
     return Preprocess(size=(int(x_train.shape[2]), int(x_train.shape[3])), channels=int(x_train.shape[1]),
-                      scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+                      scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                      resize=resize)

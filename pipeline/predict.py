@@ -31,6 +31,7 @@ from pipeline import artifacts
 from pipeline.config import PredictConfig
 from pipeline.data import IMAGE_SUFFIXES, Preprocess, load_image, read_idx
 from pipeline.errors import DataError, PipelineError, RunFolderError
+from pipeline.images import fit
 
 log = logging.getLogger(__name__)
 METADATA_KEYS = ("labels", "preprocess")
@@ -233,13 +234,13 @@ def read_inputs(paths: list[Path], preprocess: Preprocess, invert: bool = False)
             raise DataError(f"{path}: no such input file")
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
-            pixels = load_image(path, preprocess.size, preprocess.channels)[None]
+            pixels = load_image(path, preprocess.size, preprocess.channels, preprocess.resize)[None]
             samples.append(Sample(str(path), _normalize_8bit(pixels, preprocess, invert)[0]))
             continue
         array = _read_npy(path) if suffix == ".npy" else _read_idx_input(path)
         batch = _as_batch(array, preprocess, path)
         if array.dtype == np.uint8:
-            x = _normalize_8bit(_resize(batch, preprocess.size), preprocess, invert)
+            x = _normalize_8bit(_resize(batch, preprocess.size, preprocess.resize), preprocess, invert)
         else:
             if invert:
                 raise DataError(f"{path}: --invert applies to 8-bit images only, this array is {array.dtype}")
@@ -290,8 +291,8 @@ def _as_batch(array: np.ndarray, p: Preprocess, path: Path) -> np.ndarray:
                     f"images with {c} channel(s)")
 
 
-def _resize(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """8-bit (N, C, H, W) -> float32 (N, C, *size), resized like `load_image` resizes files."""
+def _resize(batch: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """8-bit (N, C, H, W) -> float32 (N, C, *size), resized like `load_image` resizes files (`images.fit`)."""
     if batch.shape[2:] == size:
         return batch.astype(np.float32)
     from PIL import Image
@@ -299,8 +300,7 @@ def _resize(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((*batch.shape[:2], *size), dtype=np.float32)
     for i, image in enumerate(batch):
         for c, plane in enumerate(image):
-            resized = Image.fromarray(plane).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            out[i, c] = np.asarray(resized, dtype=np.float32)
+            out[i, c] = np.asarray(fit(Image.fromarray(plane), size, mode), dtype=np.float32)
     return out
 
 

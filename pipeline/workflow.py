@@ -94,6 +94,8 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
                "device": result.device, "world_size": result.world_size,
                "replica_sha256": list(result.replica_digests)}
     artifacts.atomic_write_json(staging / artifacts.METRICS, metrics)
+    if splits.bad or splits.ignored:
+        artifacts.atomic_write_json(staging / artifacts.SKIPPED_IMAGES, splits.skipped_record())
     plot_learning_curves(history, staging / artifacts.CURVES,
                          f"{splits.source}: dropout {model_config.dropout}, test accuracy {100 * result.test_accuracy:.2f}%")
     manifest = _new_manifest(
@@ -111,7 +113,7 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
 
 
 def _dataset_record(splits, data_config: DataConfig) -> schema.Dataset:
-    return schema.Dataset(splits.source, splits.fingerprint, splits.sizes(), to_dict(data_config))
+    return schema.Dataset.from_dict(splits.record(data_config), "dataset")
 
 
 def _new_manifest(labels, preprocess, dataset: schema.Dataset, model: schema.Model, training: schema.Training) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -17,6 +18,17 @@ StridedFirstConv = Annotated[Optional[bool], typer.Option(
     "--strided-first-conv/--pooled-first-conv",
     help="First block: conv 5x5 stride 2 (faster, most of all in int8) or conv 3x3 + 2x2 max pool."
          " Default: strided for inputs of 16x16 or more.")]
+
+# How image-folder sources are read (DataConfig.resize, on_bad_image, cache_dir), shared by every command that reads one.
+Resize = Annotated[str, typer.Option(
+    help="How images of another aspect ratio reach --image-size: squash (stretch), crop (cover, cut the centre) "
+         "or pad (fit, centre on black). Recorded in the manifest's preprocess for the device.")]
+OnBadImage = Annotated[str, typer.Option(
+    help="Unreadable image files: fail (the error names all of them) or skip (left out, listed in "
+         "skipped_images.json in the run folder).")]
+CacheDir = Annotated[Optional[Path], typer.Option(
+    help="Folder of the decoded-image cache of image folders. Default: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline.")]
+IMAGE_SIZE_HELP = "Resize images to N or HxW (folder: needed only when the images differ in size)."
 
 
 def int_list(text: str, what: str) -> tuple[int, ...]:

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
+from pipeline.commands.options import (
+    IMAGE_SIZE_HELP,
+    CacheDir,
+    OnBadImage,
+    Resize,
+    StridedFirstConv,
+    console,
+    image_size,
+    int_list,
+)
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 
 
@@ -15,8 +24,11 @@ def train(
     dataset: Annotated[str, typer.Option(help="digits (bundled 8x8 handwriting), idx (folder of IDX files), "
                                               "folder (one sub-folder of PNG/JPEG per class), npz (x_train, y_train, x_test, y_test).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
-    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to N or HxW (required for folder).")] = None,
+    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
     channels: Annotated[Optional[int], typer.Option(help="1 or 3 channels for folder images; default: 1 if all are grayscale.")] = None,
+    resize: Resize = "squash",
+    on_bad_image: OnBadImage = "fail",
+    cache_dir: CacheDir = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to write. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder (the old one stays until the new run completes).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
@@ -54,7 +66,8 @@ def train(
     from pipeline.workflow import default_run_dir, train_run
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
-                             channels=channels, test_fraction=test_fraction, val_fraction=val_fraction,
+                             channels=channels, resize=resize, on_bad_image=on_bad_image, cache_dir=cache_dir,
+                             test_fraction=test_fraction, val_fraction=val_fraction,
                              max_train_samples=max_train_samples, seed=seed)
     model_config = ModelConfig(conv_channels=int_list(conv_channels, "--conv-channels"),
                                fc_units=int_list(fc_units, "--fc-units"), dropout=dropout,

@@ -1,0 +1,135 @@
+"""Image folders as users have them: bad files, resource forks, nested folders, 16-bit PNGs,
+other aspect ratios, rare classes. Tiny generated folders; no training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data, images
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
+from tests.fixtures import write_image_folder
+
+
+def _folder_config(folder, tmp_path, **overrides) -> DataConfig:
+    return DataConfig(**{"dataset": "folder", "data_dir": folder, "cache_dir": tmp_path / "cache", **overrides})
+
+
+def _with_bad_files(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=8)
+    good = (folder / "class_0" / "1.png").read_bytes()
+    (folder / "class_0" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "class_1" / "empty.png").write_bytes(b"")
+    (folder / "class_1" / "._1.png").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS AppleDouble
+    (folder / "class_2" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "class_2" / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_bad_files_fail_by_default_naming_all_of_them(tmp_path):
+    folder = _with_bad_files(tmp_path)
+    with pytest.raises(DataError) as failure:
+        data.load(_folder_config(folder, tmp_path))
+    message = str(failure.value)
+    assert "2 unreadable image files" in message and "\n" not in message
+    assert "class_0/truncated.png" in message and "class_1/empty.png" in message
+    assert "._1.png" not in message and ".DS_Store" not in message  # never taken as images
+
+
+def test_bad_files_skipped_are_listed(tmp_path):
+    folder = _with_bad_files(tmp_path)
+    splits = data.load(_folder_config(folder, tmp_path, on_bad_image="skip"))
+    assert sum(splits.sizes().values()) == 24  # the 24 good images, no more
+    assert [name for name, _ in splits.bad] == ["class_0/truncated.png", "class_1/empty.png"]
+    assert ("class_2/notes.txt", f"not an image ({', '.join(images.IMAGE_SUFFIXES)})") in splits.ignored
+    record = splits.skipped_record()
+    assert len(record["unreadable"]) == 2 and "truncated" in record["unreadable"][0]["reason"]
+    assert not any("._1.png" in entry["file"] for entry in record["ignored"])
+    assert splits.record(_folder_config(folder, tmp_path))["skipped_images"] == 2
+    # The negative control: the same folder without the bad files has nothing to list.
+    for name in ("class_0/truncated.png", "class_1/empty.png"):
+        (folder / name).unlink()
+    assert data.load(_folder_config(folder, tmp_path)).bad == ()
+
+
+def test_nested_folders_belong_to_their_class_and_stray_images_are_reported(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6)
+    nested = folder / "class_2" / "2019" / "summer"
+    nested.mkdir(parents=True)
+    for i in range(3):
+        (nested / f"n{i}.png").write_bytes((folder / "class_2" / "13.png").read_bytes())
+    (folder / "stray.png").write_bytes((folder / "class_2" / "13.png").read_bytes())
+    listing = data.list_folder(folder)
+    assert listing.classes == ("class_0", "class_1", "class_2")
+    assert sum(1 for f in listing.files if f.startswith("class_2/")) == 9
+    assert "class_2/2019/summer/n0.png" in listing.files
+    assert ("stray.png", "an image outside any class folder") in listing.ignored
+    splits = data.load(_folder_config(folder, tmp_path))
+    assert sum(splits.sizes().values()) == 21
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    pixels = images.decode(path, None, 1)[0]
+    assert pixels.max() == 255 and pixels.min() == 0
+    assert np.mean(pixels == 255) < 0.05  # clipping made 99.6% of pixels 255
+    assert np.abs(pixels.astype(int) - np.rint(ramp / 257).astype(int)).max() == 0
+
+
+def _two_by_four() -> Image.Image:
+    """A 2 (H) x 4 (W) gray image: columns 10, 20, 30, 40."""
+    return Image.fromarray(np.tile(np.array([10, 20, 30, 40], dtype=np.uint8), (2, 1)), mode="L")
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("crop", [[20, 30], [20, 30]]),     # the centre 2x2 cut out, no scaling needed
+    ("pad", [[17, 33], [0, 0]]),        # scaled to 1x2, then centred on black (rounded down: top row)
+    ("squash", [[17, 33], [17, 33]]),   # stretched: 4 columns into 2 (Pillow's bilinear widens when shrinking)
+])
+def test_resize_modes_give_the_expected_pixels(tmp_path, mode, expected):
+    path = tmp_path / "wide.png"
+    _two_by_four().save(path)
+    got = images.decode(path, (2, 2), 1, mode)[0]
+    assert got.tolist() == expected
+
+
+def test_resize_mode_is_recorded_in_the_preprocessing_contract(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs")
+    splits = data.load(_folder_config(folder, tmp_path, image_size=(10, 8), resize="pad"))
+    assert splits.preprocess.resize == "pad" and splits.preprocess.to_dict()["resize"] == "pad"
+    assert data.Preprocess.from_dict(splits.preprocess.to_dict()) == splits.preprocess
+    old_record = {k: v for k, v in splits.preprocess.to_dict().items() if k != "resize"}
+    assert data.Preprocess.from_dict(old_record).resize == "squash"  # manifests written before the option
+
+
+def test_image_size_is_not_needed_when_all_images_have_one_size(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", size=12)
+    assert data.load(_folder_config(folder, tmp_path)).preprocess.size == (12, 12)
+    Image.new("L", (20, 10)).save(folder / "class_0" / "odd.png")
+    with pytest.raises(DataError, match=r"2 different sizes \(12x12 \(18 images\), 10x20 \(1 images\)\); pass --image-size"):
+        data.load(_folder_config(folder, tmp_path))
+    assert data.load(_folder_config(folder, tmp_path, image_size=(12, 12))).preprocess.size == (12, 12)
+
+
+def test_a_class_too_small_to_split_is_named_by_its_folder(tmp_path):
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6)
+    (folder / "cats").mkdir()
+    (folder / "cats" / "only.png").write_bytes((folder / "class_0" / "1.png").read_bytes())
+    with pytest.raises(DataError) as failure:
+        data.load(_folder_config(folder, tmp_path))
+    assert str(failure.value) == ("class 'cats' has 1 image; each class needs at least 3 for a stratified split "
+                                  "(training, validation and test)")
+    (folder / "cats" / "two.png").write_bytes((folder / "class_0" / "3.png").read_bytes())
+    (folder / "cats" / "three.png").write_bytes((folder / "class_0" / "5.png").read_bytes())
+    assert "cats" in data.load(_folder_config(folder, tmp_path)).labels  # 3 images are enough
+
+
+def test_relative_paths_are_resolved_when_the_config_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = DataConfig(dataset="folder", data_dir="imgs", cache_dir="cache")
+    assert config.data_dir == tmp_path / "imgs" and config.cache_dir == tmp_path / "cache"
