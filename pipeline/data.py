@@ -7,34 +7,125 @@ Raw pixels are kept as float32 N x C x H x W in the source's own range (0-16 for
 0-255 for 8-bit images). The model sees `Preprocess.apply(raw)`:
     input = ((raw * scale) - mean[c]) / std[c]
 with mean and std measured on the training split only.
+
+Image folders are decoded once into the cache of `pipeline.folder` and their splits are
+`LazyImages`: index arrays into the cache, read (uint8) and normalized batch by batch, so no
+command holds a whole folder in memory. In-memory sources (digits, IDX, npz) stay numpy arrays.
+Both index the same way (`x[i:j]`, `x[index_array]` -> numpy arrays).
+
+`reading(...)` sets, for the commands inside it, a progress callback for decoding and where a
+run's data is now (`data_dir`, `cache_dir`: they override the recorded locations in
+`load_trained_on`; the fingerprint still decides whether it is the same data).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import folder
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.images import (  # noqa: F401  (load_image, IMAGE_SUFFIXES: re-exported for readers of single files)
-    GRAY_MODES,
     IMAGE_SUFFIXES,
-    UnreadableImageError,
-    decode,
     fit,
-    is_hidden,
-    is_image_name,
     load_image,
-    probe,
 )
 
 # IDX element types (third byte of the magic number) -> numpy big-endian dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class LazyImages:
+    """(N, C, H, W) images read on demand. Indexing with an int, a slice or an integer array returns a
+    numpy array of just those images; `subset` and `map` return new lazy views. `np.asarray` reads all
+    of them: fine for small sets, what batch-wise code avoids."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], count: int, item_shape: tuple[int, ...],
+                 dtype) -> None:
+        self._read, self._count, self._item_shape, self.dtype = read, int(count), tuple(item_shape), np.dtype(dtype)
+
+    @classmethod
+    def of_store(cls, store: folder.ImageStore) -> LazyImages:
+        return cls(store.read, len(store), store.shape, np.uint8)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._count, *self._item_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._item_shape)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _positions(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return np.arange(self._count)[key]
+        index = np.asarray(key)
+        if index.dtype == bool:
+            return np.flatnonzero(index)
+        index = index.astype(np.int64).reshape(-1)
+        if index.size and (index.min() < -self._count or index.max() >= self._count):
+            raise IndexError(f"index out of range for {self._count} images")
+        return np.where(index < 0, index + self._count, index)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(self._positions([key]))[0]
+        return self._read(self._positions(key))
+
+    def subset(self, index: np.ndarray) -> LazyImages:
+        index = np.asarray(index, dtype=np.int64)
+        return LazyImages(lambda i: self._read(index[i]), len(index), self._item_shape, self.dtype)
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype) -> LazyImages:
+        """A view whose batches are `fn(batch)`: normalization happens per batch."""
+        return LazyImages(lambda i: fn(self._read(i)), self._count, self._item_shape, dtype)
+
+    def astype(self, dtype) -> LazyImages:
+        return self.map(lambda batch: batch.astype(dtype), dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(np.arange(self._count))
+        return whole if dtype is None else whole.astype(dtype)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the commands inside `reading(...)` use when they read data."""
+
+    on_progress: folder.Progress | None = None
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+_READING: contextvars.ContextVar[Reading | None] = contextvars.ContextVar("pipeline_data_reading", default=None)
+
+
+def _current_reading() -> Reading:
+    return _READING.get() or Reading()
+
+
+@contextlib.contextmanager
+def reading(on_progress: folder.Progress | None = None, data_dir: Path | None = None,
+            cache_dir: Path | None = None) -> Iterator[Reading]:
+    """Decode progress and data locations for every read inside (the CLI sets them from its options)."""
+    token = _READING.set(Reading(on_progress, Path(data_dir).resolve() if data_dir else None,
+                                 Path(cache_dir).resolve() if cache_dir else None))
+    try:
+        yield _current_reading()
+    finally:
+        _READING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -49,8 +140,13 @@ class Preprocess:
     resize: str = "squash"
     """How an image of another size or aspect ratio becomes `size`: squash, crop or pad (`pipeline.images`)."""
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Raw pixels (N, C, H, W) -> normalized float32 model input."""
+    def apply(self, raw):
+        """Raw pixels (N, C, H, W) -> normalized float32 model input; `LazyImages` stay lazy (normalized per batch)."""
+        if isinstance(raw, LazyImages):
+            if raw.shape[1:] != (self.channels, *self.size):
+                raise DataError(f"expected images of shape (N, {self.channels}, {self.size[0]}, {self.size[1]}), "
+                                f"got {tuple(raw.shape)}")
+            return raw.map(self.apply, np.float32)
         if raw.ndim != 4 or raw.shape[1:] != (self.channels, *self.size):
             raise DataError(f"expected images of shape (N, {self.channels}, {self.size[0]}, {self.size[1]}), got {tuple(raw.shape)}")
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
@@ -89,6 +185,8 @@ class Splits:
     """(file, reason) of unreadable images left out (`--on-bad-image skip`)."""
     ignored: tuple[tuple[str, str], ...] = ()
     """(file, reason) of files in the source that are not read as images (not an image, outside a class folder)."""
+    cache: dict | None = None
+    """Image folders: the decoded cache entry the splits read ({"fingerprint", "path", "images"})."""
 
     def sizes(self) -> dict:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
@@ -98,7 +196,8 @@ class Splits:
         from pipeline.config import to_dict
 
         return {"source": self.source, "fingerprint": self.fingerprint, "sizes": self.sizes(),
-                "config": to_dict(config), "skipped_images": len(self.bad), "ignored_files": len(self.ignored)}
+                "config": to_dict(config), "skipped_images": len(self.bad), "ignored_files": len(self.ignored),
+                **({"cache": self.cache} if self.cache else {})}
 
     def skipped_record(self) -> dict:
         """`skipped_images.json`: every file of the source that is not in the splits, and why."""
@@ -122,9 +221,15 @@ class _Raw:
     ignored: tuple[tuple[str, str], ...] = ()
 
 
-def load(config: DataConfig) -> Splits:
-    """Read the configured source and split it; raises `DataError` on anything unreadable."""
-    readers = {"digits": _read_digits, "idx": _read_idx_dir, "folder": _read_image_folder, "npz": _read_npz}
+def load(config: DataConfig, on_progress: folder.Progress | None = None) -> Splits:
+    """Read the configured source and split it; raises `DataError` on anything unreadable.
+
+    An image folder is decoded into the cache first unless it is there already (`on_progress`,
+    else the one of `reading(...)`, hears how far the decoding is).
+    """
+    if config.dataset == "folder":
+        return _load_folder(config, on_progress or _current_reading().on_progress)
+    readers = {"digits": _read_digits, "idx": _read_idx_dir, "npz": _read_npz}
     raw = readers[config.dataset](config)
     _check_finite(raw)
     if config.image_size is not None and raw.x.shape[2:] != tuple(config.image_size):
@@ -151,8 +256,17 @@ def _resized(raw: _Raw, size: tuple[int, int], mode: str) -> _Raw:
 def load_trained_on(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
     """`load`, refusing data that is not what `what` (a run or checkpoint) was trained on.
 
-    Test accuracy, calibration and parity are only comparable on the same splits.
+    Test accuracy, calibration and parity are only comparable on the same splits. Inside
+    `reading(data_dir=..., cache_dir=...)` those replace the recorded locations. An image folder
+    that is no longer there is read from the cache entry with the recorded fingerprint.
     """
+    where = _current_reading()
+    if where.data_dir is not None:
+        config = replace(config, data_dir=where.data_dir)
+    if where.cache_dir is not None:
+        config = replace(config, cache_dir=where.cache_dir)
+    if config.dataset == "folder" and not Path(config.data_dir).is_dir():
+        return _from_cache(config, fingerprint, what)
     splits = load(config)
     if splits.fingerprint != fingerprint:
         raise DataError(f"{what}: the data at {config.data_dir or splits.source} is not the data it was trained on "
@@ -242,136 +356,70 @@ def _read_idx_dir(config: DataConfig) -> _Raw:
     return _Raw(x, y, x_test, y_test, tuple(str(i) for i in range(num_classes)), _scale_for(x), source)
 
 
-@dataclass(frozen=True)
-class FolderListing:
-    """The image files of a class-per-folder source, found but not decoded.
-
-    A class is a top-level sub-folder; images in sub-folders below it (`cats/2019/a.jpg`) belong to
-    that class. Hidden files and folders (`.DS_Store`, `._a.png` resource forks) are never images.
-    Everything else that is not taken as an image is listed in `ignored`, with the reason.
-    """
-
-    root: Path
-    classes: tuple[str, ...]
-    files: tuple[str, ...]
-    """Paths relative to `root`, POSIX style, sorted within each class."""
-    labels: np.ndarray
-    stats: tuple[tuple[int, int], ...]
-    """(size in bytes, mtime in ns) of every file: what decides whether a decoded cache is still current."""
-    ignored: tuple[tuple[str, str], ...]
-    """(relative path, reason) of files that are not read: not an image, not inside a class folder."""
-
-
-def list_folder(folder: Path) -> FolderListing:
-    """Walk a class-per-folder source; `DataError` if it has fewer than 2 classes holding images."""
-    import os
-
-    folder = _existing_dir(folder)
-    ignored: list[tuple[str, str]] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and not is_hidden(entry.name):
-            reason = "an image outside any class folder" if is_image_name(entry.name) else "not a class folder"
-            ignored.append((entry.name, reason))
-    classes, files, labels, stats = [], [], [], []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)):
-        found = []
-        for top, dirs, names in os.walk(class_dir):
-            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-            for name in names:
-                if is_hidden(name):
-                    continue
-                relative = Path(top, name).relative_to(folder).as_posix()
-                if is_image_name(name):
-                    found.append(relative)
-                else:
-                    ignored.append((relative, f"not an image ({', '.join(IMAGE_SUFFIXES)})"))
-        if not found:
-            ignored.append((class_dir.name + "/", "a folder without images: not a class"))
-            continue
-        for relative in sorted(found):
-            info = (folder / relative).stat()
-            files.append(relative)
-            labels.append(len(classes))
-            stats.append((info.st_size, info.st_mtime_ns))
-        classes.append(class_dir.name)
-    if len(classes) < 2:
-        raise DataError(f"{folder}: need at least 2 class sub-folders holding images ({', '.join(IMAGE_SUFFIXES)}), "
-                        f"found {len(classes)}")
-    return FolderListing(folder, tuple(classes), tuple(files), np.asarray(labels, dtype=np.int64), tuple(stats),
-                         tuple(sorted(ignored)))
-
-
-def decide_shape(listing: FolderListing, probes: list, config: DataConfig) -> tuple[tuple[int, int], int]:
-    """((H, W), channels) of the decoded images: as configured, else from the headers of the readable files.
-
-    `probes` holds (mode, (H, W)) per file, or None for a file whose header is unreadable.
-    """
-    readable = [p for p in probes if p is not None]
-    if not readable:
-        raise DataError(f"{listing.root}: none of the {len(probes)} image files is readable")
-    channels = config.channels or (1 if all(mode in GRAY_MODES for mode, _ in readable) else 3)
-    if config.image_size is not None:
-        return tuple(config.image_size), channels
-    sizes: dict[tuple[int, int], int] = {}
-    for _, size in readable:
-        sizes[size] = sizes.get(size, 0) + 1
-    if len(sizes) > 1:
-        common = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[1])[:5])
-        raise DataError(f"{listing.root}: the images have {len(sizes)} different sizes ({common}); "
-                        "pass --image-size HxW, and --resize squash|pad|crop for other aspect ratios")
-    return next(iter(sizes)), channels
-
-
-def bad_files_error(root: Path, bad: list[tuple[str, str]]) -> DataError:
+def bad_files_error(root: Path | str, bad: list[tuple[str, str]]) -> DataError:
     """One line naming every unreadable file, with what to do about it."""
     listed = "; ".join(f"{name} ({reason})" for name, reason in bad)
     return DataError(f"{root}: {len(bad)} unreadable image file{'s' if len(bad) > 1 else ''}: {listed}; "
                      "pass --on-bad-image skip to leave them out (they are then listed in the run folder)")
 
 
-def _read_image_folder(config: DataConfig) -> _Raw:
-    listing = list_folder(config.data_dir)
-    probes, bad = [], []
-    for relative in listing.files:
-        try:
-            probes.append(probe(listing.root / relative))
-        except UnreadableImageError as exc:
-            probes.append(None)
-            bad.append((relative, exc.reason))
-    size, channels = decide_shape(listing, probes, config)
-    x = np.zeros((len(listing.files), channels, *size), dtype=np.uint8)
-    for i, relative in enumerate(listing.files):
-        if probes[i] is None:
+def _load_folder(config: DataConfig, on_progress) -> Splits:
+    listing = folder.list_folder(config.data_dir)
+    store = folder.build(listing, config.image_size, config.channels, config.resize,
+                         folder.cache_root(config.cache_dir), on_progress)
+    return _split_store(store, config, listing.root)
+
+
+def _split_store(store: folder.ImageStore, config: DataConfig, root: Path | str) -> Splits:
+    """Splits of a decoded folder: index arrays into the cache, read batch by batch, never all at once."""
+    bad = sorted((name, reason) for name, reason in zip(store.files, store.status, strict=True) if reason is not None)
+    if bad and config.on_bad_image == "fail":
+        raise bad_files_error(root, bad)
+    keep = np.asarray([i for i, reason in enumerate(store.status) if reason is None], dtype=np.int64)
+    present = np.unique(store.labels[keep])
+    if len(present) < 2:
+        raise DataError(f"{root}: fewer than 2 classes hold readable images")
+    classes = tuple(store.classes[k] for k in present)  # a class whose every image is bad is no class
+    relabel = np.full(len(store.classes), -1, dtype=np.int64)
+    relabel[present] = np.arange(len(present))
+    y = relabel[store.labels[keep]]
+    train, val, test = split_indices(y, None, classes, config)
+    mean, std = store.mean_std(keep[train])
+    scale = 1.0 / 255.0
+    preprocess = Preprocess(size=tuple(store.shape[1:]), channels=store.shape[0], scale=scale,
+                            mean=tuple(float(m * scale) for m in mean),
+                            std=tuple(float(max(s * scale, 1e-6)) for s in std), resize=store.index["resize"])
+    everything = LazyImages.of_store(store)
+    digest = hashlib.sha256(store.fingerprint.encode())
+    for part in (train, val, test):
+        digest.update(keep[part].tobytes())
+        digest.update(y[part].tobytes())
+    source = (f"image folder {root} ({len(keep)} images, {len(classes)} classes"
+              + (f", {len(bad)} unreadable skipped" if bad else "") + ")")
+    ignored = tuple((str(name), str(reason)) for name, reason in store.index.get("ignored", []))
+    return Splits(everything.subset(keep[train]), y[train], everything.subset(keep[val]), y[val],
+                  everything.subset(keep[test]), y[test], labels=classes, preprocess=preprocess, source=source,
+                  fingerprint=digest.hexdigest(), bad=tuple(bad), ignored=ignored,
+                  cache={"fingerprint": store.fingerprint, "path": str(store.folder), "images": len(store)})
+
+
+def _from_cache(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
+    """The splits of the cache entry that holds what `what` was trained on, when its source folder is gone."""
+    root = folder.cache_root(config.cache_dir)
+    for store in folder.stores(root):
+        requested = store.index.get("requested", {})
+        if store.index.get("resize") != config.resize or requested.get("channels") != config.channels or \
+                (requested.get("image_size") or None) != (list(config.image_size) if config.image_size else None):
             continue
         try:
-            x[i] = decode(listing.root / relative, size, channels, config.resize)
-        except UnreadableImageError as exc:
-            bad.append((relative, exc.reason))
-    return _folder_raw(listing, x, bad, config)
-
-
-def _folder_raw(listing: FolderListing, x, bad: list[tuple[str, str]], config: DataConfig) -> _Raw:
-    """The readable images of a folder source, after the bad-image policy."""
-    bad = sorted(bad)
-    if bad and config.on_bad_image == "fail":
-        raise bad_files_error(listing.root, bad)
-    bad_names = {name for name, _ in bad}
-    keep = np.asarray([i for i, name in enumerate(listing.files) if name not in bad_names], dtype=np.int64)
-    y = listing.labels[keep]
-    classes = [c for k, c in enumerate(listing.classes) if np.any(y == k)]
-    if len(classes) < 2:
-        raise DataError(f"{listing.root}: fewer than 2 classes hold readable images")
-    if len(classes) < len(listing.classes):  # a class whose every image is bad: relabel the rest 0..K-1
-        old_to_new = {listing.classes.index(c): k for k, c in enumerate(classes)}
-        y = np.asarray([old_to_new[int(v)] for v in y], dtype=np.int64)
-    text = (f"image folder {listing.root} ({len(keep)} images, {len(classes)} classes"
-            + (f", {len(bad)} unreadable skipped" if bad else "") + ")")
-    return _Raw(_take(x, keep), y, None, None, tuple(classes), 1.0 / 255.0, text,
-                resize=config.resize, bad=tuple(bad), ignored=listing.ignored)
-
-
-def _take(x, keep: np.ndarray):
-    return x[keep].astype(np.float32) if len(keep) < len(x) else x.astype(np.float32)
+            splits = _split_store(store, config, store.index.get("source", store.folder))
+        except DataError:
+            continue
+        if splits.fingerprint == fingerprint:
+            return splits
+    raise DataError(f"{what}: the image folder {config.data_dir} is not there and no entry of the image cache {root} "
+                    "holds the data it was trained on: pass --data-dir (the folder, wherever it is now) "
+                    "or --cache-dir (a cache that holds it)")
 
 
 def _read_npz(config: DataConfig) -> _Raw:

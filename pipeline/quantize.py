@@ -457,7 +457,8 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
     plan = speed_plan(config)
     result: dict = {"threads": config.threads, "rounds": config.speed_rounds, "seconds_per_round": config.speed_seconds}
     for batch in (1, config.speed_batch):
-        inputs = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
+        # The first images, repeated to fill the batch (x may be lazy: read only what is used).
+        inputs = np.ascontiguousarray(x[np.arange(batch) % len(x)], dtype=np.float32)
         slots = {name: runtime.session_slot(session, inputs) for name, session in sessions.items()}
         slots.update({key: target.open("cpu", batch, config.threads, None, inputs)
                       for key, target in (other_engines or {}).items()})

@@ -15,7 +15,7 @@ import typer
 
 from pipeline.commands import mc as m
 from pipeline.commands import quantize as q
-from pipeline.commands.options import console, int_list
+from pipeline.commands.options import CacheDirNow, DataDirNow, DecodeEta, console, int_list
 
 
 def export(
@@ -58,6 +58,8 @@ def export(
     mc_samples: m.McSamples = 32,
     mc_max_accuracy_drop: m.McMaxAccuracyDrop = 0.5,
     mc_ood_data: m.McOodData = None,
+    data_dir: DataDirNow = None,
+    cache_dir: CacheDirNow = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest records as JSON on stdout.")] = False,
 ) -> None:
     """Export a trained model to one self-contained ONNX file, with proof that dropout is gone.
@@ -69,6 +71,7 @@ def export(
     onnx's ReferenceEvaluator. Test accuracy through ONNX Runtime is recorded in manifest.json.
     Nothing is written unless every check passes.
     """
+    from pipeline import data
     from pipeline.config import ExportConfig
     from pipeline.workflow import adopt_checkpoint, export_run
 
@@ -84,7 +87,8 @@ def export(
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
-    with console.status("export") as status:
+    with console.status("export") as status, \
+            data.reading(DecodeEta(lambda text, *_: status.update(f"export: {text}")), data_dir, cache_dir):
         def on_step(name: str) -> None:
             status.update(f"export: {name}")
 
@@ -98,10 +102,11 @@ def export(
     summary = show(result)
 
     # Follow-up steps on the exported fp32 model go here, each as `if option: report[key] = ...`.
-    if quantize:
-        report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
-    if mc_dropout:
-        report["mc"] = m.follow_up(result.run_dir, mc_config)
+    with data.reading(None, data_dir, cache_dir):  # the image cache is built by now: nothing to show
+        if quantize:
+            report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
+        if mc_dropout:
+            report["mc"] = m.follow_up(result.run_dir, mc_config)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +30,12 @@ OnBadImage = Annotated[str, typer.Option(
          "skipped_images.json in the run folder).")]
 CacheDir = Annotated[Optional[Path], typer.Option(
     help="Folder of the decoded-image cache of image folders. Default: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline.")]
+# Where a finished run's data is now, for the commands that re-read it (export, quantize).
+DataDirNow = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Where the run's training data is now, if it moved (replaces the recorded folder; its fingerprint "
+                       "must match). Not needed while the image cache holds it.")]
+CacheDirNow = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="The image cache to read the run's data from (default: the recorded one).")]
 IMAGE_SIZE_HELP = "Resize images to N or HxW (folder: needed only when the images differ in size)."
 
 
@@ -49,3 +57,28 @@ def image_size(text: str | None) -> tuple[int, int] | None:
     if len(parts) == 2:
         return parts
     raise ValueError(f"--image-size must be N or HxW, got {text!r}")
+
+
+class DecodeEta:
+    """A `data.reading(on_progress=...)` callback that turns (stage, done, total) into a line with rate and ETA.
+
+    `show(text, done, total)` puts it on screen: a progress bar's task or a spinner's status.
+    """
+
+    def __init__(self, show: Callable[[str, int, int], None]) -> None:
+        self.show = show
+        self.started = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == 0:
+            self.started = time.perf_counter()
+        what = "reading image headers" if stage == "probe" else "decoding images into the cache"
+        elapsed = time.perf_counter() - self.started
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        eta = f", ETA {_clock((total - done) / rate)}" if rate and done < total else ""
+        self.show(f"{what} {done:,}/{total:,} ({rate:,.0f}/s{eta})", done, total)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds + 0.5), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"

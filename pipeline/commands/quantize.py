@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import console
+from pipeline.commands.options import CacheDirNow, DataDirNow, console
 
 Dynamic = Annotated[bool, typer.Option("--dynamic", help="Dynamic int8 (activation ranges at run time, no calibration) "
                                                           "instead of static; written as int8_dynamic.")]
@@ -160,6 +160,8 @@ def quantize(
     recipes: Recipes = "",
     keep_candidates: KeepCandidates = False,
     fp16: Fp16 = False,
+    data_dir: DataDirNow = None,
+    cache_dir: CacheDirNow = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Quantize an exported run to int8 (model.int8.onnx), refusing a model that loses accuracy.
@@ -172,4 +174,7 @@ def quantize(
                                   calibration_seed, max_accuracy_drop, max_excluded_nodes, exclude_nodes,
                                   keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16,
                                   recipes, keep_candidates)
-    run(run_dir, config, fp16_config, as_json)
+    from pipeline import data
+
+    with data.reading(None, data_dir, cache_dir):
+        run(run_dir, config, fp16_config, as_json)

@@ -23,6 +23,7 @@ import typer
 from pipeline.commands.options import (
     IMAGE_SIZE_HELP,
     CacheDir,
+    DecodeEta,
     OnBadImage,
     Resize,
     StridedFirstConv,
@@ -82,7 +83,10 @@ def run(
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    with console.status("run") as status:
+    from pipeline import data
+
+    with console.status("run") as status, \
+            data.reading(DecodeEta(lambda text, *_: status.update(f"run: {text}"))):
         def stage(name: str, fn, *args, **kwargs):
             status.update(f"run: {name}")
             t0 = time.perf_counter()

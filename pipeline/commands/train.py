@@ -10,6 +10,7 @@ import typer
 from pipeline.commands.options import (
     IMAGE_SIZE_HELP,
     CacheDir,
+    DecodeEta,
     OnBadImage,
     Resize,
     StridedFirstConv,
@@ -62,7 +63,7 @@ def train(
     Under `torchrun --nproc_per_node N -m pipeline train ...` the N processes train one model
     with DistributedDataParallel; only rank 0 writes the run folder and shows progress.
     """
-    from pipeline import distributed
+    from pipeline import data, distributed
     from pipeline.workflow import default_run_dir, train_run
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
@@ -77,7 +78,8 @@ def train(
                                threads=threads)
     run_dir = resume if resume is not None else (out or default_run_dir(data_config))
 
-    with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress:
+    with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress, \
+            data.reading(on_progress=DecodeEta(progress.decode)):
         result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
                            on_start=progress.start, on_epoch=progress.epoch)
     if not world.is_main:
@@ -95,12 +97,13 @@ class EpochProgress:
         self.quiet = quiet
         self.progress = None
         self.task = None
+        self.decoding = None
 
     def __enter__(self) -> EpochProgress:
         if not self.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
             self.progress.__enter__()
         return self
@@ -114,7 +117,15 @@ class EpochProgress:
             return
         sizes = info["sizes"]
         console.print(f"{info['source']}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test images")
-        self.task = self.progress.add_task("", total=info["epochs"])
+        self.task = self.progress.add_task("", total=info["epochs"], name="train")
+
+    def decode(self, text: str, done: int, total: int) -> None:
+        """Decoding an image folder into the cache (before training starts), with rate and ETA."""
+        if self.progress is None:
+            return
+        if self.decoding is None:
+            self.decoding = self.progress.add_task(text, total=total, name="data")
+        self.progress.update(self.decoding, description=text, completed=done, total=total)
 
     def epoch(self, result) -> None:
         if self.progress is None:
