@@ -63,6 +63,8 @@ class TrainResult:
     """Processes that trained the model together (torchrun); 1 for a single process."""
     replica_digests: tuple[str, ...] = ()
     """`distributed.parameter_digest` of the final weights on every rank, all equal."""
+    test_predictions: np.ndarray | None = None
+    """The best model's class index for every test image (rank 0 only), for the per-class results."""
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -261,13 +263,14 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
     model.load_state_dict(state["best_state"])
     digests = distributed.check_replicas(model, world)
     test_loss, test_accuracy = evaluate_across(model, data["test"], world)
+    test_predictions = predict_feed(model, data["test"]) if world.is_main else None
     checkpoint = run_dir / CHECKPOINT
     if world.is_main:
         save_checkpoint(checkpoint, model, splits.preprocess, splits.labels, splits.fingerprint,
                         data_config, config, state["best_epoch"])
     return TrainResult(checkpoint, tuple(EpochResult(**h) for h in state["history"]), state["best_epoch"],
                        test_accuracy, test_loss, state["seconds"], stopped_early, str(device),
-                       world.world_size, digests)
+                       world.world_size, digests, test_predictions)
 
 
 # --- training state, for --resume ------------------------------------------------------

@@ -82,8 +82,9 @@ def train_run(data_config: DataConfig, model_config: ModelConfig, train_config: 
 def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig,
                result, staging: Path, out: Path) -> TrainRun:
     """Metrics, curves and manifest of a finished training, then the staging folder moved to `out`."""
+    from pipeline.metrics import per_class
     from pipeline.model import DropoutCNN, count_parameters
-    from pipeline.report import plot_learning_curves
+    from pipeline.report import plot_confusion_matrix, plot_learning_curves
 
     history = [h.to_dict() for h in result.history]
     metrics = {"history": history, "epochs_run": len(history), "best_epoch": result.best_epoch,
@@ -92,8 +93,11 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
                "train_seconds": result.train_seconds, "seconds_per_epoch": result.seconds_per_epoch,
                "images_per_second": len(splits.y_train) * len(history) / max(result.train_seconds, 1e-9),
                "device": result.device, "world_size": result.world_size,
-               "replica_sha256": list(result.replica_digests)}
+               "replica_sha256": list(result.replica_digests),
+               "test_per_class": per_class(splits.y_test, result.test_predictions, splits.labels)}
     artifacts.atomic_write_json(staging / artifacts.METRICS, metrics)
+    plot_confusion_matrix(metrics["test_per_class"]["confusion_matrix"], list(splits.labels), staging / artifacts.CONFUSION,
+                          f"{splits.source}: test split, accuracy {100 * result.test_accuracy:.2f}%")
     if splits.bad or splits.ignored:
         artifacts.atomic_write_json(staging / artifacts.SKIPPED_IMAGES, splits.skipped_record())
     plot_learning_curves(history, staging / artifacts.CURVES,

@@ -260,6 +260,10 @@ def test_a_photo_run_exports_from_elsewhere_moved_and_refuses_changed_data(tmp_p
     manifest = run.manifest
     assert manifest["dataset"]["config"]["data_dir"] == str(folder)
     assert manifest["dataset"]["skipped_images"] == 1 and manifest["dataset"]["cache"]["images"] == 37
+    per_class = json.loads((tmp_path / "run" / "metrics.json").read_text())["test_per_class"]
+    assert [c["label"] for c in per_class["classes"]] == ["class_0", "class_1", "class_2"]
+    assert sum(c["support"] for c in per_class["classes"]) == manifest["dataset"]["sizes"]["test"]
+    assert (tmp_path / "run" / "confusion_matrix.png").stat().st_size > 1000
     skipped = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
     assert [entry["file"] for entry in skipped["unreadable"]] == ["class_1/empty.png"]
     # Another working directory, and the run folder moved: the recorded absolute paths still serve.
