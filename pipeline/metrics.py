@@ -37,3 +37,14 @@ def recall_drops(reference: dict, candidate: dict, min_support: int) -> list[dic
             drops.append({"label": ours["label"], "support": ours["support"], "reference_recall": ours["recall"],
                           "recall": theirs["recall"], "drop_points": round(100.0 * (ours["recall"] - theirs["recall"]), 4)})
     return sorted(drops, key=lambda d: -d["drop_points"])
+
+
+def worst_recall_drop(y: np.ndarray, reference_pred: np.ndarray, candidate_pred: np.ndarray,
+                      labels: tuple[str, ...] | list[str] | None, min_support: int) -> list[dict]:
+    """`recall_drops` of a candidate's predictions against the reference's on the same labelled images.
+
+    `labels` None names the classes by index.
+    """
+    if labels is None:
+        labels = [str(i) for i in range(int(max(y.max(), reference_pred.max(), candidate_pred.max())) + 1)]
+    return recall_drops(per_class(y, reference_pred, labels), per_class(y, candidate_pred, labels), min_support)

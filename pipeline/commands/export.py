@@ -45,6 +45,7 @@ def export(
     calibration_samples: q.CalibrationSamples = 256,
     calibration_seed: q.CalibrationSeed = 0,
     max_accuracy_drop: q.MaxAccuracyDrop = 0.5,
+    max_class_recall_drop: q.MaxClassRecallDrop = 2.0,
     max_excluded_nodes: q.MaxExcluded = 1,
     exclude_nodes: q.ExcludeNodes = None,
     keep_first_conv_fp32: q.KeepFirstConv = None,
@@ -83,7 +84,7 @@ def export(
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
                                              exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
-                                             speed_batch, fp16, recipes, keep_candidates)
+                                             speed_batch, fp16, recipes, keep_candidates, max_class_recall_drop)
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ValueError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
