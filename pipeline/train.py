@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import __version__, distributed
+from pipeline import __version__, augment, distributed
 from pipeline.artifacts import CHECKPOINT, TRAIN_STATE, atomic_path
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from pipeline.data import Preprocess, Splits
@@ -164,6 +164,16 @@ def evaluate_across(model: nn.Module, feed: Feed, world: distributed.World) -> t
     return loss / count, correct / count
 
 
+def _balancing(y: np.ndarray, num_classes: int, balance: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cross-entropy class weights, per-image sampling weights) for `TrainConfig.balance`; None where unused."""
+    if balance == "none":
+        return None, None
+    counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
+    if balance == "weights":  # n / (K * n_k): a class's images weigh as much together as any other class's
+        return torch.tensor(len(y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32), None
+    return None, torch.tensor(1.0 / counts[np.asarray(y)], dtype=torch.float64)
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         # AdamW: weight decay as a true L2 shrinkage, not scaled by Adam's adaptive rates.
@@ -203,6 +213,8 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     data = feeds(splits, device)
+    class_weights, sample_weights = _balancing(splits.y_train, model_config.num_classes, config.balance)
+    class_weights = None if class_weights is None else class_weights.to(device)
     model = DropoutCNN(model_config).to(device)
     net = distributed.wrap(model, device, world)  # the model itself for a single process
     batch_size = distributed.local_batch(config.batch_size, world)
@@ -221,11 +233,17 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
         net.train()
         if world.distributed:
             torch.manual_seed(distributed.seed_for_epoch(config.seed, epoch, world))
-        order = distributed.shard(torch.randperm(len(data["train"]), generator=shuffle), world)
+        if sample_weights is not None:  # balanced sampling: every class equally likely, with replacement
+            drawn = torch.multinomial(sample_weights, len(sample_weights), replacement=True, generator=shuffle)
+        else:
+            drawn = torch.randperm(len(data["train"]), generator=shuffle)
+        order = distributed.shard(drawn, world)
         total_loss, correct = 0.0, 0
         for inputs, target in data["train"].batches(order, batch_size):
+            if config.augment == "photo":
+                inputs = augment.photo(inputs, splits.preprocess.mean, splits.preprocess.std)
             logits = net(inputs)
-            loss = nn.functional.cross_entropy(logits, target)
+            loss = nn.functional.cross_entropy(logits, target, weight=class_weights)
             objective = loss + config.l1 * _l1_penalty(model) if config.l1 > 0 else loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()

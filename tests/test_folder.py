@@ -280,3 +280,25 @@ def test_a_photo_run_exports_from_elsewhere_moved_and_refuses_changed_data(tmp_p
     Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(folder / "class_0" / "extra.png")
     with pytest.raises(DataError, match="not the data it was trained on"):
         export_run(moved, ExportConfig())
+
+
+@pytest.mark.slow
+def test_cli_trains_an_imbalanced_photo_folder_with_augmentation_and_balancing(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder = write_image_folder(tmp_path / "photos", mode="RGB", n_per_class=30)
+    for extra in ("class_1", "class_2"):  # 30 / 4 / 4 images
+        for path in sorted((folder / extra).iterdir())[4:]:
+            path.unlink()
+    result = CliRunner().invoke(app, ["train", "--dataset", "folder", "--data-dir", str(folder), "--cache-dir",
+                                      str(tmp_path / "cache"), "--augment", "photo", "--balance", "sampler", "--epochs", "2",
+                                      "--conv-channels", "8", "--fc-units", "16", "--out", str(tmp_path / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["training"]["config"]["augment"] == "photo" and manifest["training"]["config"]["balance"] == "sampler"
+    supports = [c["support"] for c in json.loads((tmp_path / "run" / "metrics.json").read_text())["test_per_class"]["classes"]]
+    assert supports[0] > supports[1] >= 1

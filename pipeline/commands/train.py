@@ -54,6 +54,10 @@ def train(
     test_fraction: Annotated[float, typer.Option(help="Test share when the data has no test split.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation share of the training split.")] = 0.1,
     max_train_samples: Annotated[Optional[int], typer.Option(help="Keep only this many training images (stratified).")] = None,
+    augment: Annotated[str, typer.Option(help="photo: random resized crop, horizontal flip and small colour jitter per "
+                                              "batch (for photos; never for digits); none.")] = "none",
+    balance: Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weighted by n / (K * n_class)) "
+                                              "or sampler (every class equally likely per draw).")] = "none",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the result line.")] = False,
 ) -> None:
     """Train the dropout CNN and write a run folder (checkpoint, metrics, curves, manifest).
@@ -75,7 +79,7 @@ def train(
                                spatial_dropout=spatial_dropout, batch_norm=batch_norm, strided_first_conv=strided_first_conv)
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
                                weight_decay=weight_decay, l1=l1, patience=patience, seed=seed, device=device,
-                               threads=threads)
+                               threads=threads, augment=augment, balance=balance)
     run_dir = resume if resume is not None else (out or default_run_dir(data_config))
 
     with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress, \
