@@ -169,13 +169,17 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train / validation / test raw pixels and integer labels, with what describes them."""
+    """Train / validation / test raw pixels and integer labels, with what describes them.
 
-    x_train: np.ndarray
+    The pixels are numpy arrays for in-memory sources and `LazyImages` (uint8, read from the
+    decoded cache per batch) for image folders; both index the same way.
+    """
+
+    x_train: np.ndarray | LazyImages
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: np.ndarray | LazyImages
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | LazyImages
     y_test: np.ndarray
     labels: tuple[str, ...]
     preprocess: Preprocess
@@ -217,8 +221,6 @@ class _Raw:
     scale: float
     source: str
     resize: str = "squash"
-    bad: tuple[tuple[str, str], ...] = ()
-    ignored: tuple[tuple[str, str], ...] = ()
 
 
 def load(config: DataConfig, on_progress: folder.Progress | None = None) -> Splits:
@@ -548,8 +550,7 @@ def _split(raw: _Raw, config: DataConfig) -> Splits:
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(array.tobytes())
-    return Splits(*arrays, labels=raw.labels, preprocess=preprocess, source=raw.source, fingerprint=digest.hexdigest(),
-                  bad=raw.bad, ignored=raw.ignored)
+    return Splits(*arrays, labels=raw.labels, preprocess=preprocess, source=raw.source, fingerprint=digest.hexdigest())
 
 
 def _measure_preprocess(x_train: np.ndarray, scale: float, resize: str = "squash") -> Preprocess:
