@@ -129,7 +129,8 @@ class EpochProgress:
             return
         if self.decoding is None:
             self.decoding = self.progress.add_task(text, total=total, name="data")
-        self.progress.update(self.decoding, description=text, completed=done, total=total)
+        # Hidden once done: the bar has said what it had to, and a bad-file error after it stays one line.
+        self.progress.update(self.decoding, description=text, completed=done, total=total, visible=done < total)
 
     def epoch(self, result) -> None:
         if self.progress is None:
