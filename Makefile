@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-peers lint clean
+.PHONY: install demo test test-fast bench bench-peers bench-photos lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: install
 bench-peers: install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench-peers]'
 	$(BIN)/python tools/bench.py $(BENCH_ARGS)
+
+# A generated photo folder (IMAGES 64x64 PNGs, ~1 GB at 100k under /tmp/photo-bench): memory, decode rate, cache.
+IMAGES ?= 100000
+bench-photos: install
+	$(BIN)/python tools/photo_bench.py --images $(IMAGES) --json photo_bench.json --clean
 
 lint: install
 	$(BIN)/ruff check pipeline tests tools

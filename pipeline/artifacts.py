@@ -43,6 +43,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 CURVES = "curves.png"
 TRAIN_STATE = "train_state.pt"
+CONFUSION = "confusion_matrix.png"  # test split, rows = true class
+SKIPPED_IMAGES = "skipped_images.json"  # files of an image folder that are not in the splits, and why
 PARTIAL_SUFFIX = ".partial"
 # An artifact's `runtime` when it needs no session option of its own: ORT's defaults, spelled out.
 # Read-only: copy it (dict(...)) before recording or changing it.

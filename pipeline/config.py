@@ -18,6 +18,14 @@ DATASETS = ("digits", "idx", "folder", "npz")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 DEVICES = ("cpu", "cuda", "auto")
+RESIZE_MODES = ("squash", "pad", "crop")  # = pipeline.images.RESIZE_MODES (this module imports nothing heavy)
+BAD_IMAGE_POLICIES = ("fail", "skip")
+AUGMENTATIONS = ("none", "photo")
+CLASS_RECALL_DROP = 2.0  # points: default of the int8 and fp16 per-class gates
+# Validation images a class needs to be gated: at 100 one image is 1 point of recall, so a 2-point gate
+# fires at a net loss of 3 images; with fewer, single images (noise) would decide.
+CLASS_MIN_SUPPORT = 100
+BALANCING = ("none", "weights", "sampler")
 
 
 def _refuse_unknown_fields(cls: type, data: dict, what: str) -> None:
@@ -30,6 +38,11 @@ def _refuse_unknown_fields(cls: type, data: dict, what: str) -> None:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_class_gate(max_drop: float, min_support: int) -> None:
+    _require(0.0 <= max_drop <= 100.0, f"max class recall drop must be in [0, 100] points, got {max_drop}")
+    _require(min_support >= 1, f"class min support must be >= 1 image, got {min_support}")
 
 
 def to_dict(config: Any) -> dict:
@@ -56,7 +69,16 @@ class DataConfig:
     data_dir: Path | None = None
     """Folder of IDX files or of class sub-folders, or the `.npz` file. Unused for `digits`."""
     image_size: tuple[int, int] | None = None
-    """(H, W) every image is resized to (bilinear, any source). Required for `folder`; None keeps the stored size."""
+    """(H, W) every image is resized to (bilinear, any source). None keeps the stored size; for `folder`
+    that needs every image to have the same size (else the error lists the sizes found)."""
+    resize: str = "squash"
+    """How an image of another aspect ratio reaches `image_size`: `squash` (stretch), `crop` (scale to cover,
+    cut the centre) or `pad` (scale to fit, centre on black). Recorded in `Preprocess.resize` for the device."""
+    on_bad_image: str = "fail"
+    """`fail`: an unreadable image file stops the command, and the error names every one of them.
+    `skip`: they are left out and listed in the run folder (`skipped_images.json`)."""
+    cache_dir: Path | None = None
+    """Folder of the decoded-image cache of `folder` sources. None: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline."""
     channels: int | None = None
     """1 or 3 for `folder`; None decides from the images (grayscale if all are)."""
     test_fraction: float = 0.2
@@ -72,12 +94,17 @@ class DataConfig:
         _require(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.dataset != "digits":
             _require(self.data_dir is not None, f"--data-dir is required for dataset {self.dataset!r}")
-        if self.dataset == "folder":
-            _require(self.image_size is not None, "--image-size is required for dataset 'folder'")
+        # Relative paths are resolved now, so that a run made here can be exported from anywhere.
+        for name in ("data_dir", "cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
         if self.image_size is not None:
             _require(len(self.image_size) == 2 and all(s >= 1 for s in self.image_size),
                      f"image size must be two positive integers, got {self.image_size}")
         _require(self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _require(self.resize in RESIZE_MODES, f"unknown resize mode {self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        _require(self.on_bad_image in BAD_IMAGE_POLICIES,
+                 f"unknown bad-image policy {self.on_bad_image!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
         _require(0.0 < self.test_fraction < 1.0, f"test fraction must be in (0, 1), got {self.test_fraction}")
         _require(0.0 < self.val_fraction < 1.0, f"validation fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.max_train_samples is None or self.max_train_samples >= 10,
@@ -88,6 +115,7 @@ class DataConfig:
         """Rebuild from a checkpoint's or manifest's plain dict (strings back to paths, lists to tuples)."""
         _refuse_unknown_fields(cls, data, "data")
         return cls(**{**data, "data_dir": Path(data["data_dir"]) if data.get("data_dir") else None,
+                      "cache_dir": Path(data["cache_dir"]) if data.get("cache_dir") else None,
                       "image_size": tuple(data["image_size"]) if data.get("image_size") else None})
 
 
@@ -176,6 +204,13 @@ class TrainConfig:
     """`cpu`, `cuda`, or `auto` (cuda when available)."""
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default (one per core)."""
+    augment: str = "none"
+    """`none`, or `photo`: per training batch, a random resized crop (60-100% of the area, aspect 3/4-4/3),
+    a horizontal flip (p=0.5) and a small colour jitter (brightness and contrast x0.8-1.2). For photos;
+    wrong for digits (a flipped 2 is no 2), so never on by default."""
+    balance: str = "none"
+    """For imbalanced folders: `none`; `weights` (cross-entropy weighted by n / (K * n_class)); or
+    `sampler` (each epoch draws as many images as the split holds, with replacement, every class equally likely)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -188,6 +223,8 @@ class TrainConfig:
         _require(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         _require(self.device in DEVICES, f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+        _require(self.balance in BALANCING, f"unknown balancing {self.balance!r}: choose one of {', '.join(BALANCING)}")
 
 
 @dataclass(frozen=True)
@@ -308,6 +345,8 @@ class PredictConfig:
     """Invert 8-bit inputs (dark ink on light paper -> the light-on-dark the model was trained on)."""
     assume: bool = False
     """For a bare .onnx without manifest or metadata: assume pixels / 255, mean 0, std 1, labels 0..K-1."""
+    strict: bool = False
+    """Fail (exit code of a data error) when any input is unreadable; by default they are listed and the rest classified."""
 
     def __post_init__(self) -> None:
         _require(self.top_k >= 1, f"top-k must be >= 1, got {self.top_k}")
@@ -521,6 +560,12 @@ class QuantizeConfig:
     """Largest test accuracy drop in percentage points (fp32 minus int8, both through ONNX Runtime) that may ship."""
     min_agreement: float | None = None
     """Smallest share of test images on which int8 and fp32 must predict the same class; None: recorded, not gated."""
+    max_class_recall_drop: float = CLASS_RECALL_DROP
+    """Largest drop of validation recall, in percentage points, that any one class (with at least
+    `class_min_support` validation images) may suffer against fp32. The overall gate alone lets a
+    variant ship that ruins a rare class: 2 points of a 5% class are 0.1 points overall."""
+    class_min_support: int = CLASS_MIN_SUPPORT
+    """Classes with fewer validation images are reported, not gated: one image is 1/n of their recall."""
     max_excluded_nodes: int = 1
     """When the gate fails, keep up to this many of the most sensitive nodes in fp32, one at a time; 0: fail at once.
     Small on purpose: with every weighted node in fp32 any calibration "passes", broken or not."""
@@ -550,6 +595,7 @@ class QuantizeConfig:
     None: ONNX Runtime and OpenVINO where it is installed. The deployments name the fastest per batch size."""
 
     def __post_init__(self) -> None:
+        _check_class_gate(self.max_class_recall_drop, self.class_min_support)
         _require(self.recipes is None or (len(self.recipes) >= 1 and all(r in QUANT_RECIPES for r in self.recipes)),
                  f"unknown int8 recipe in {', '.join(self.recipes or ()) or '(none)'}: choose from {', '.join(QUANT_RECIPES)}")
         _require(self.engines is None or (len(self.engines) >= 1 and all(e in BENCH_ENGINES for e in self.engines)),
@@ -600,8 +646,13 @@ class Fp16Config:
     """Largest test accuracy drop in percentage points against fp32 (both through ONNX Runtime)."""
     provider: str = "cpu"
     """Execution provider the checks run on: `cpu` (always there) or `cuda`."""
+    max_class_recall_drop: float = CLASS_RECALL_DROP
+    """As `QuantizeConfig.max_class_recall_drop`: the largest validation recall drop of any one class, in points."""
+    class_min_support: int = CLASS_MIN_SUPPORT
+    """As `QuantizeConfig.class_min_support`: classes with fewer validation images are reported, not gated."""
 
     def __post_init__(self) -> None:
+        _check_class_gate(self.max_class_recall_drop, self.class_min_support)
         _require(0 < self.tolerance < 1, f"fp16 tolerance must be in (0, 1), got {self.tolerance}")
         _require(0.0 <= self.max_accuracy_drop <= 100.0, f"max accuracy drop must be in [0, 100] points, got {self.max_accuracy_drop}")
         _require(self.provider in ("cpu", "cuda"), f"fp16 checks run on cpu or cuda, got {self.provider!r}")

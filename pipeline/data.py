@@ -7,24 +7,125 @@ Raw pixels are kept as float32 N x C x H x W in the source's own range (0-16 for
 0-255 for 8-bit images). The model sees `Preprocess.apply(raw)`:
     input = ((raw * scale) - mean[c]) / std[c]
 with mean and std measured on the training split only.
+
+Image folders are decoded once into the cache of `pipeline.folder` and their splits are
+`LazyImages`: index arrays into the cache, read (uint8) and normalized batch by batch, so no
+command holds a whole folder in memory. In-memory sources (digits, IDX, npz) stay numpy arrays.
+Both index the same way (`x[i:j]`, `x[index_array]` -> numpy arrays).
+
+`reading(...)` sets, for the commands inside it, a progress callback for decoding and where a
+run's data is now (`data_dir`, `cache_dir`: they override the recorded locations in
+`load_trained_on`; the fingerprint still decides whether it is the same data).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gzip
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import folder
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+from pipeline.images import (  # noqa: F401  (load_image, IMAGE_SUFFIXES: re-exported for readers of single files)
+    IMAGE_SUFFIXES,
+    fit,
+    load_image,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # IDX element types (third byte of the magic number) -> numpy big-endian dtypes.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class LazyImages:
+    """(N, C, H, W) images read on demand. Indexing with an int, a slice or an integer array returns a
+    numpy array of just those images; `subset` and `map` return new lazy views. `np.asarray` reads all
+    of them: fine for small sets, what batch-wise code avoids."""
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], count: int, item_shape: tuple[int, ...],
+                 dtype) -> None:
+        self._read, self._count, self._item_shape, self.dtype = read, int(count), tuple(item_shape), np.dtype(dtype)
+
+    @classmethod
+    def of_store(cls, store: folder.ImageStore) -> LazyImages:
+        return cls(store.read, len(store), store.shape, np.uint8)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._count, *self._item_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self._item_shape)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _positions(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return np.arange(self._count)[key]
+        index = np.asarray(key)
+        if index.dtype == bool:
+            return np.flatnonzero(index)
+        index = index.astype(np.int64).reshape(-1)
+        if index.size and (index.min() < -self._count or index.max() >= self._count):
+            raise IndexError(f"index out of range for {self._count} images")
+        return np.where(index < 0, index + self._count, index)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(self._positions([key]))[0]
+        return self._read(self._positions(key))
+
+    def subset(self, index: np.ndarray) -> LazyImages:
+        index = np.asarray(index, dtype=np.int64)
+        return LazyImages(lambda i: self._read(index[i]), len(index), self._item_shape, self.dtype)
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype) -> LazyImages:
+        """A view whose batches are `fn(batch)`: normalization happens per batch."""
+        return LazyImages(lambda i: fn(self._read(i)), self._count, self._item_shape, dtype)
+
+    def astype(self, dtype) -> LazyImages:
+        return self.map(lambda batch: batch.astype(dtype), dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(np.arange(self._count))
+        return whole if dtype is None else whole.astype(dtype)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the commands inside `reading(...)` use when they read data."""
+
+    on_progress: folder.Progress | None = None
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+_READING: contextvars.ContextVar[Reading | None] = contextvars.ContextVar("pipeline_data_reading", default=None)
+
+
+def _current_reading() -> Reading:
+    return _READING.get() or Reading()
+
+
+@contextlib.contextmanager
+def reading(on_progress: folder.Progress | None = None, data_dir: Path | None = None,
+            cache_dir: Path | None = None) -> Iterator[Reading]:
+    """Decode progress and data locations for every read inside (the CLI sets them from its options)."""
+    token = _READING.set(Reading(on_progress, Path(data_dir).resolve() if data_dir else None,
+                                 Path(cache_dir).resolve() if cache_dir else None))
+    try:
+        yield _current_reading()
+    finally:
+        _READING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -36,9 +137,16 @@ class Preprocess:
     scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: str = "squash"
+    """How an image of another size or aspect ratio becomes `size`: squash, crop or pad (`pipeline.images`)."""
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Raw pixels (N, C, H, W) -> normalized float32 model input."""
+    def apply(self, raw):
+        """Raw pixels (N, C, H, W) -> normalized float32 model input; `LazyImages` stay lazy (normalized per batch)."""
+        if isinstance(raw, LazyImages):
+            if raw.shape[1:] != (self.channels, *self.size):
+                raise DataError(f"expected images of shape (N, {self.channels}, {self.size[0]}, {self.size[1]}), "
+                                f"got {tuple(raw.shape)}")
+            return raw.map(self.apply, np.float32)
         if raw.ndim != 4 or raw.shape[1:] != (self.channels, *self.size):
             raise DataError(f"expected images of shape (N, {self.channels}, {self.size[0]}, {self.size[1]}), got {tuple(raw.shape)}")
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
@@ -47,35 +155,58 @@ class Preprocess:
 
     def to_dict(self) -> dict:
         return {"size": list(self.size), "channels": self.channels, "scale": self.scale,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
         try:
             return cls(size=(int(data["size"][0]), int(data["size"][1])), channels=int(data["channels"]),
                        scale=float(data["scale"]), mean=tuple(float(m) for m in data["mean"]),
-                       std=tuple(float(s) for s in data["std"]))
+                       std=tuple(float(s) for s in data["std"]), resize=str(data.get("resize", "squash")))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DataError(f"invalid preprocess record {data!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Train / validation / test raw pixels and integer labels, with what describes them."""
+    """Train / validation / test raw pixels and integer labels, with what describes them.
 
-    x_train: np.ndarray
+    The pixels are numpy arrays for in-memory sources and `LazyImages` (uint8, read from the
+    decoded cache per batch) for image folders; both index the same way.
+    """
+
+    x_train: np.ndarray | LazyImages
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: np.ndarray | LazyImages
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | LazyImages
     y_test: np.ndarray
     labels: tuple[str, ...]
     preprocess: Preprocess
     source: str
     fingerprint: str
+    bad: tuple[tuple[str, str], ...] = ()
+    """(file, reason) of unreadable images left out (`--on-bad-image skip`)."""
+    ignored: tuple[tuple[str, str], ...] = ()
+    """(file, reason) of files in the source that are not read as images (not an image, outside a class folder)."""
+    cache: dict | None = None
+    """Image folders: the decoded cache entry the splits read ({"fingerprint", "path", "images"})."""
 
     def sizes(self) -> dict:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    def record(self, config: DataConfig) -> dict:
+        """The manifest's "dataset" section: where the data came from, what was left out, how it was split."""
+        from pipeline.config import to_dict
+
+        return {"source": self.source, "fingerprint": self.fingerprint, "sizes": self.sizes(),
+                "config": to_dict(config), "skipped_images": len(self.bad), "ignored_files": len(self.ignored),
+                **({"cache": self.cache} if self.cache else {})}
+
+    def skipped_record(self) -> dict:
+        """`skipped_images.json`: every file of the source that is not in the splits, and why."""
+        return {"source": self.source, "unreadable": [{"file": f, "reason": r} for f, r in self.bad],
+                "ignored": [{"file": f, "reason": r} for f, r in self.ignored]}
 
 
 @dataclass(frozen=True)
@@ -89,20 +220,27 @@ class _Raw:
     labels: tuple[str, ...]
     scale: float
     source: str
+    resize: str = "squash"
 
 
-def load(config: DataConfig) -> Splits:
-    """Read the configured source and split it; raises `DataError` on anything unreadable."""
-    readers = {"digits": _read_digits, "idx": _read_idx_dir, "folder": _read_image_folder, "npz": _read_npz}
+def load(config: DataConfig, on_progress: folder.Progress | None = None) -> Splits:
+    """Read the configured source and split it; raises `DataError` on anything unreadable.
+
+    An image folder is decoded into the cache first unless it is there already (`on_progress`,
+    else the one of `reading(...)`, hears how far the decoding is).
+    """
+    if config.dataset == "folder":
+        return _load_folder(config, on_progress or _current_reading().on_progress)
+    readers = {"digits": _read_digits, "idx": _read_idx_dir, "npz": _read_npz}
     raw = readers[config.dataset](config)
     _check_finite(raw)
     if config.image_size is not None and raw.x.shape[2:] != tuple(config.image_size):
-        raw = _resized(raw, config.image_size)  # a folder's images were resized as they were read
+        raw = _resized(raw, config.image_size, config.resize)  # a folder's images were resized as they were read
     return _split(raw, config)
 
 
-def _resized(raw: _Raw, size: tuple[int, int]) -> _Raw:
-    """Every image resized to `size` (H, W) with the bilinear filter `load_image` uses, in the source's own range."""
+def _resized(raw: _Raw, size: tuple[int, int], mode: str) -> _Raw:
+    """Every image resized to `size` (H, W) as `images.fit` does for files, in the source's own range."""
     from PIL import Image
 
     def resize(x: np.ndarray) -> np.ndarray:
@@ -110,18 +248,27 @@ def _resized(raw: _Raw, size: tuple[int, int]) -> _Raw:
         for i, image in enumerate(x):
             for c, plane in enumerate(image):  # mode "F": 32-bit float planes, no rounding to 8 bits
                 resized = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
-                out[i, c] = np.asarray(resized.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+                out[i, c] = np.asarray(fit(resized, size, mode))
         return out
 
-    return replace(raw, x=resize(raw.x), x_test=None if raw.x_test is None else resize(raw.x_test),
-                   source=f"{raw.source}, resized to {size[0]}x{size[1]}")
+    return replace(raw, x=resize(raw.x), x_test=None if raw.x_test is None else resize(raw.x_test), resize=mode,
+                   source=f"{raw.source}, resized to {size[0]}x{size[1]}" + ("" if mode == "squash" else f" ({mode})"))
 
 
 def load_trained_on(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
     """`load`, refusing data that is not what `what` (a run or checkpoint) was trained on.
 
-    Test accuracy, calibration and parity are only comparable on the same splits.
+    Test accuracy, calibration and parity are only comparable on the same splits. Inside
+    `reading(data_dir=..., cache_dir=...)` those replace the recorded locations. An image folder
+    that is no longer there is read from the cache entry with the recorded fingerprint.
     """
+    where = _current_reading()
+    if where.data_dir is not None:
+        config = replace(config, data_dir=where.data_dir)
+    if where.cache_dir is not None:
+        config = replace(config, cache_dir=where.cache_dir)
+    if config.dataset == "folder" and not Path(config.data_dir).is_dir():
+        return _from_cache(config, fingerprint, what)
     splits = load(config)
     if splits.fingerprint != fingerprint:
         raise DataError(f"{what}: the data at {config.data_dir or splits.source} is not the data it was trained on "
@@ -211,46 +358,70 @@ def _read_idx_dir(config: DataConfig) -> _Raw:
     return _Raw(x, y, x_test, y_test, tuple(str(i) for i in range(num_classes)), _scale_for(x), source)
 
 
-def load_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One PNG/JPEG -> raw pixels (channels, H, W) float32 in 0-255, resized to `size` (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float32)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from None
-    return pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
+def bad_files_error(root: Path | str, bad: list[tuple[str, str]]) -> DataError:
+    """One line naming every unreadable file, with what to do about it."""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in bad)
+    return DataError(f"{root}: {len(bad)} unreadable image file{'s' if len(bad) > 1 else ''}: {listed}; "
+                     "pass --on-bad-image skip to leave them out (they are then listed in the run folder)")
 
 
-def _read_image_folder(config: DataConfig) -> _Raw:
-    from PIL import Image, UnidentifiedImageError
+def _load_folder(config: DataConfig, on_progress) -> Splits:
+    listing = folder.list_folder(config.data_dir)
+    store = folder.build(listing, config.image_size, config.channels, config.resize,
+                         folder.cache_root(config.cache_dir), on_progress)
+    return _split_store(store, config, listing.root)
 
-    folder = _existing_dir(config.data_dir)
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = {c.name: sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
-    files = {name: paths for name, paths in files.items() if paths}
-    if len(files) < 2:
-        raise DataError(f"{folder}: need at least 2 class sub-folders holding PNG/JPEG images, found {len(files)}")
-    channels = config.channels
-    if channels is None:
-        def is_gray(path: Path) -> bool:
-            try:
-                with Image.open(path) as image:
-                    return image.mode in ("L", "1", "I", "I;16", "LA")
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"{path}: unreadable image: {exc}") from None
-        channels = 1 if all(is_gray(p) for paths in files.values() for p in paths) else 3
-    x, y = [], []
-    for label, paths in enumerate(files.values()):
-        for path in paths:
-            x.append(load_image(path, config.image_size, channels))
-            y.append(label)
-    return _Raw(np.stack(x), np.asarray(y, dtype=np.int64), None, None, tuple(files), 1.0 / 255.0,
-                f"image folder {folder} ({len(x)} images, {len(files)} classes)")
+
+def _split_store(store: folder.ImageStore, config: DataConfig, root: Path | str) -> Splits:
+    """Splits of a decoded folder: index arrays into the cache, read batch by batch, never all at once."""
+    bad = sorted((name, reason) for name, reason in zip(store.files, store.status, strict=True) if reason is not None)
+    if bad and config.on_bad_image == "fail":
+        raise bad_files_error(root, bad)
+    keep = np.asarray([i for i, reason in enumerate(store.status) if reason is None], dtype=np.int64)
+    present = np.unique(store.labels[keep])
+    if len(present) < 2:
+        raise DataError(f"{root}: fewer than 2 classes hold readable images")
+    classes = tuple(store.classes[k] for k in present)  # a class whose every image is bad is no class
+    relabel = np.full(len(store.classes), -1, dtype=np.int64)
+    relabel[present] = np.arange(len(present))
+    y = relabel[store.labels[keep]]
+    train, val, test = split_indices(y, None, classes, config)
+    mean, std = store.mean_std(keep[train])
+    scale = 1.0 / 255.0
+    preprocess = Preprocess(size=tuple(store.shape[1:]), channels=store.shape[0], scale=scale,
+                            mean=tuple(float(m * scale) for m in mean),
+                            std=tuple(float(max(s * scale, 1e-6)) for s in std), resize=store.index["resize"])
+    everything = LazyImages.of_store(store)
+    digest = hashlib.sha256(store.fingerprint.encode())
+    for part in (train, val, test):
+        digest.update(keep[part].tobytes())
+        digest.update(y[part].tobytes())
+    source = (f"image folder {root} ({len(keep)} images, {len(classes)} classes"
+              + (f", {len(bad)} unreadable skipped" if bad else "") + ")")
+    ignored = tuple((str(name), str(reason)) for name, reason in store.index.get("ignored", []))
+    return Splits(everything.subset(keep[train]), y[train], everything.subset(keep[val]), y[val],
+                  everything.subset(keep[test]), y[test], labels=classes, preprocess=preprocess, source=source,
+                  fingerprint=digest.hexdigest(), bad=tuple(bad), ignored=ignored,
+                  cache={"fingerprint": store.fingerprint, "path": str(store.folder), "images": len(store)})
+
+
+def _from_cache(config: DataConfig, fingerprint: str | None, what: str) -> Splits:
+    """The splits of the cache entry that holds what `what` was trained on, when its source folder is gone."""
+    root = folder.cache_root(config.cache_dir)
+    for store in folder.stores(root):
+        requested = store.index.get("requested", {})
+        if store.index.get("resize") != config.resize or requested.get("channels") != config.channels or \
+                (requested.get("image_size") or None) != (list(config.image_size) if config.image_size else None):
+            continue
+        try:
+            splits = _split_store(store, config, store.index.get("source", store.folder))
+        except DataError:
+            continue
+        if splits.fingerprint == fingerprint:
+            return splits
+    raise DataError(f"{what}: the image folder {config.data_dir} is not there and no entry of the image cache {root} "
+                    "holds the data it was trained on: pass --data-dir (the folder, wherever it is now) "
+                    "or --cache-dir (a cache that holds it)")
 
 
 def _read_npz(config: DataConfig) -> _Raw:
@@ -326,27 +497,55 @@ def _check_finite(raw: _Raw) -> None:
             raise DataError(f"{raw.source}: {name} contain {int(np.sum(~np.isfinite(x)))} NaN or infinite values")
 
 
-def _stratified(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, what: str):
+def _check_class_sizes(y: np.ndarray, labels: tuple[str, ...], needed: int, what: str) -> None:
+    """Every class must have `needed` images for the stratified splits; name the ones that do not."""
+    counts = np.bincount(y, minlength=len(labels))
+    short = [f"class {labels[k]!r} has {int(n)} image{'' if n == 1 else 's'}" for k, n in enumerate(counts) if 0 < n < needed]
+    if short:
+        raise DataError(f"{'; '.join(short)}; each class needs at least {needed} for a stratified split ({what})")
+
+
+def _stratified(y: np.ndarray, index: np.ndarray, fraction: float, seed: int, what: str,
+                labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) positions of `index`, stratified by the labels `y[index]`."""
     from sklearn.model_selection import train_test_split
 
+    classes = len(np.unique(y[index]))
     # At least one image of each class on the held-out side, so tiny datasets still split.
-    held_out = max(math.ceil(fraction * len(y)), len(np.unique(y)))
+    held_out = max(math.ceil(fraction * len(index)), classes)
     try:
-        return train_test_split(x, y, test_size=held_out, stratify=y, random_state=seed)
+        kept, out = train_test_split(index, test_size=held_out, stratify=y[index], random_state=seed)
     except ValueError as exc:
-        raise DataError(f"cannot split off a stratified {what} set: {exc}") from None
+        counts = np.bincount(y[index], minlength=len(labels))
+        smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+        raise DataError(f"cannot split off a stratified {what} set of {held_out} from {len(index)} images "
+                        f"({classes} classes, the smallest {labels[smallest]!r} with {int(counts[smallest])}): "
+                        f"{' '.join(str(exc).split())}") from None
+    return kept, out
+
+
+def split_indices(y: np.ndarray, y_test: np.ndarray | None, labels: tuple[str, ...],
+                  config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(train, validation, test) positions into `y` (test None: the source has its own test split)."""
+    own_test = y_test is not None
+    _check_class_sizes(y, labels, 2 if own_test else 3,
+                       "training and validation" if own_test else "training, validation and test")
+    index = np.arange(len(y))
+    test = None
+    if not own_test:
+        index, test = _stratified(y, index, config.test_fraction, config.seed, "test", labels)
+    train, val = _stratified(y, index, config.val_fraction, config.seed + 1, "validation", labels)
+    if config.max_train_samples is not None and config.max_train_samples < len(train):
+        train, _ = _stratified(y, train, 1 - config.max_train_samples / len(train), config.seed + 2,
+                               "reduced training", labels)
+    return train, val, test
 
 
 def _split(raw: _Raw, config: DataConfig) -> Splits:
-    if raw.x_test is None:
-        x, x_test, y, y_test = _stratified(raw.x, raw.y, config.test_fraction, config.seed, "test")
-    else:
-        x, y, x_test, y_test = raw.x, raw.y, raw.x_test, raw.y_test
-    x_train, x_val, y_train, y_val = _stratified(x, y, config.val_fraction, config.seed + 1, "validation")
-    if config.max_train_samples is not None and config.max_train_samples < len(y_train):
-        x_train, _, y_train, _ = _stratified(x_train, y_train, 1 - config.max_train_samples / len(y_train),
-                                             config.seed + 2, "reduced training")
-    preprocess = _measure_preprocess(x_train, raw.scale)
+    train, val, test = split_indices(raw.y, raw.y_test, raw.labels, config)
+    x_test, y_test = (raw.x[test], raw.y[test]) if test is not None else (raw.x_test, raw.y_test)
+    x_train, y_train, x_val, y_val = raw.x[train], raw.y[train], raw.x[val], raw.y[val]
+    preprocess = _measure_preprocess(x_train, raw.scale, raw.resize)
     arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_val, y_val, x_test, y_test)]
     digest = hashlib.sha256()
     for array in arrays:
@@ -354,9 +553,10 @@ def _split(raw: _Raw, config: DataConfig) -> Splits:
     return Splits(*arrays, labels=raw.labels, preprocess=preprocess, source=raw.source, fingerprint=digest.hexdigest())
 
 
-def _measure_preprocess(x_train: np.ndarray, scale: float) -> Preprocess:
+def _measure_preprocess(x_train: np.ndarray, scale: float, resize: str = "squash") -> Preprocess:
     scaled = x_train.astype(np.float64) * scale
     mean = scaled.mean(axis=(0, 2, 3))
     std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-6)  # a constant channel must not divide by 0
     return Preprocess(size=(int(x_train.shape[2]), int(x_train.shape[3])), channels=int(x_train.shape[1]),
-                      scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+                      scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                      resize=resize)

@@ -111,6 +111,12 @@ class Dataset(_Record):
     """Images per split: train, val, test."""
     config: dict = field(default_factory=dict)
     """The `DataConfig` that reads it again."""
+    skipped_images: int | None = None
+    """Image folders: unreadable files left out (`--on-bad-image skip`), listed in skipped_images.json."""
+    ignored_files: int | None = None
+    """Image folders: files not read as images (not an image, outside a class folder), listed there too."""
+    cache: dict | None = None
+    """Image folders: the decoded cache entry read ({"fingerprint", "path", "images"}); `fingerprint` is of its content."""
 
 
 @dataclass
@@ -167,6 +173,8 @@ class Artifact(_Record):
     agreement: float | None = None
     """Top-1 agreement with the parent on the validation split."""
     test_agreement: float | None = None
+    test_per_class: dict | None = None
+    """Precision, recall, f1 and support per class on the test split, and the confusion matrix (`metrics.per_class`)."""
     size_ratio: float | None = None
     created: str | None = None
     verification: dict | None = None

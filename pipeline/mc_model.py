@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.model import DropoutCNN
 
 # Clamp before the log: a mean probability of exactly 0 contributes 0 to the entropy.
@@ -66,7 +67,9 @@ class MCDropoutModel(nn.Module):
         replaced = [_mc_layer(layer) for layer in layers]
         first = next((i for i, mc in enumerate(replaced) if mc is not None), None)
         if first is None:
-            raise ValueError("the model has no dropout layer with a rate > 0: MC dropout has nothing to sample")
+            # --mc-dropout asked of a model trained with dropout 0: the user's option, not a bug.
+            raise ConfigError("the model has no dropout layer with a rate > 0: MC dropout has nothing to sample "
+                              "(--mc-dropout needs a run trained with --dropout above 0)")
         self.samples = int(samples)
         self.num_classes = model.config.num_classes
         self.rates = tuple(mc.p for mc in replaced if mc is not None)

@@ -32,6 +32,7 @@ from pipeline import artifacts
 from pipeline.config import PredictConfig
 from pipeline.data import IMAGE_SUFFIXES, Preprocess, load_image, read_idx
 from pipeline.errors import DataError, ModelIntegrityError, PipelineError, RunFolderError
+from pipeline.images import fit, is_hidden, is_image_name
 
 log = logging.getLogger(__name__)
 METADATA_KEYS = ("labels", "preprocess")
@@ -221,28 +222,75 @@ def _check_signature(model: LoadedModel) -> None:
 # --- inputs -------------------------------------------------------------------------------
 
 
-def read_inputs(paths: list[Path], preprocess: Preprocess, invert: bool = False) -> list[Sample]:
-    """Every input file -> normalized samples, in order (an IDX or .npy file may hold many)."""
+GLOB_CHARACTERS = "*?["
+
+
+def expand_inputs(inputs: list) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (every image file below them, hidden files excepted) and glob patterns -> (files, missing).
+
+    `missing` holds (argument, reason) for an argument that names nothing: no such file, an empty
+    folder, a pattern that matches no file.
+    """
+    import glob
+
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for argument in map(str, inputs):
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p.name)
+                           and not any(is_hidden(part) for part in p.relative_to(path).parts))
+            files.extend(found)
+            if not found:
+                missing.append((argument, "a folder without image files"))
+        elif path.is_file():
+            files.append(path)
+        elif any(c in argument for c in GLOB_CHARACTERS):
+            found = sorted(Path(p) for p in glob.glob(argument, recursive=True)
+                           if Path(p).is_file() and not is_hidden(Path(p).name))
+            files.extend(found)
+            if not found:
+                missing.append((argument, "no file matches the pattern"))
+        else:
+            missing.append((argument, "no such input file"))
+    return files, missing
+
+
+def read_inputs(paths: list[Path], preprocess: Preprocess, invert: bool = False,
+                unreadable: list[tuple[str, str]] | None = None) -> list[Sample]:
+    """Every input file -> normalized samples, in order (an IDX or .npy file may hold many).
+
+    With `unreadable` (a list), a file that cannot be read is appended there as (path, reason) and
+    the others are still read; without it, the first one raises its `DataError`.
+    """
     samples: list[Sample] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"{path}: no such input file")
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
-            pixels = load_image(path, preprocess.size, preprocess.channels)[None]
-            samples.append(Sample(str(path), _normalize_8bit(pixels, preprocess, invert)[0]))
-            continue
-        array = _read_npy(path) if suffix == ".npy" else _read_idx_input(path)
-        batch = _as_batch(array, preprocess, path)
-        if array.dtype == np.uint8:
-            x = _normalize_8bit(_resize(batch, preprocess.size), preprocess, invert)
-        else:
-            if invert:
-                raise DataError(f"{path}: --invert applies to 8-bit images only, this array is {array.dtype}")
-            x = preprocess.apply(batch)
-        names = [str(path)] if len(x) == 1 else [f"{path}[{i}]" for i in range(len(x))]
-        samples.extend(Sample(name, row) for name, row in zip(names, x, strict=True))
+        try:
+            samples.extend(_read_input(path, preprocess, invert))
+        except DataError as exc:
+            if unreadable is None:
+                raise
+            unreadable.append((str(path), str(exc).removeprefix(f"{path}: ")))
     return samples
+
+
+def _read_input(path: Path, preprocess: Preprocess, invert: bool) -> list[Sample]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        pixels = load_image(path, preprocess.size, preprocess.channels, preprocess.resize)[None]
+        return [Sample(str(path), _normalize_8bit(pixels, preprocess, invert)[0])]
+    array = _read_npy(path) if suffix == ".npy" else _read_idx_input(path)
+    batch = _as_batch(array, preprocess, path)
+    if array.dtype == np.uint8:
+        x = _normalize_8bit(_resize(batch, preprocess.size, preprocess.resize), preprocess, invert)
+    else:
+        if invert:
+            raise DataError(f"{path}: --invert applies to 8-bit images only, this array is {array.dtype}")
+        x = preprocess.apply(batch)
+    names = [str(path)] if len(x) == 1 else [f"{path}[{i}]" for i in range(len(x))]
+    return [Sample(name, row) for name, row in zip(names, x, strict=True)]
 
 
 def _read_idx_input(path: Path) -> np.ndarray:
@@ -286,8 +334,8 @@ def _as_batch(array: np.ndarray, p: Preprocess, path: Path) -> np.ndarray:
                     f"images with {c} channel(s)")
 
 
-def _resize(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """8-bit (N, C, H, W) -> float32 (N, C, *size), resized like `load_image` resizes files."""
+def _resize(batch: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """8-bit (N, C, H, W) -> float32 (N, C, *size), resized like `load_image` resizes files (`images.fit`)."""
     if batch.shape[2:] == size:
         return batch.astype(np.float32)
     from PIL import Image
@@ -295,8 +343,7 @@ def _resize(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((*batch.shape[:2], *size), dtype=np.float32)
     for i, image in enumerate(batch):
         for c, plane in enumerate(image):
-            resized = Image.fromarray(plane).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            out[i, c] = np.asarray(resized, dtype=np.float32)
+            out[i, c] = np.asarray(fit(Image.fromarray(plane), size, mode), dtype=np.float32)
     return out
 
 
@@ -345,24 +392,43 @@ def classify(model: LoadedModel, samples: list[Sample], top_k: int = 3) -> list[
             for sample, row, top, u in zip(samples, probabilities, order, uncertainty, strict=True)]
 
 
-def predict(target: Path, inputs: list[Path], config: PredictConfig) -> tuple[LoadedModel, list[Prediction]]:
-    """Open the model (checking it), read the inputs, classify them.
+@dataclass(frozen=True)
+class PredictResult:
+    model: LoadedModel
+    predictions: list[Prediction]
+    unreadable: list[tuple[str, str]]
+    """(input, reason) of every argument or file that gave no prediction."""
 
-    A run folder without `--variant` follows the manifest's deployment for this many inputs (the
-    nearest measured batch size at or below), on its engine, or ONNX Runtime with a note when the
-    engine is not installed here.
+
+def predict(target: Path, inputs: list, config: PredictConfig) -> PredictResult:
+    """Open the model (checking it), expand the inputs (files, folders, globs), classify every readable one.
+
+    Unreadable inputs are listed, not fatal: `DataError` only when none could be read (`config.strict`
+    is the caller's to enforce on `unreadable`). A run folder without `--variant` follows the manifest's
+    deployment for this many inputs (the nearest measured batch size at or below), on its engine, or
+    ONNX Runtime with a note when the engine is not installed here.
     """
     target = Path(target)
+    files, unreadable = expand_inputs(inputs)
     if target.is_dir() and config.variant is None:
         from pipeline import deployments, engines
 
         manifest = artifacts.read_manifest(target)
         choose_variant(manifest, None, target)  # a run without artifacts fails here, as before
-        samples = read_inputs(inputs, Preprocess.from_dict(manifest["preprocess"]), invert=config.invert)
+        samples = _readable(files, Preprocess.from_dict(manifest["preprocess"]), config.invert, unreadable)
         choice = deployments.follow(manifest, max(len(samples), 1), engines.available)
         model = _from_manifest(target, manifest, choose_variant(manifest, choice.artifact, target), config, choice.engine,
                                choice.threads, choice.note)
-        return model, classify(model, samples, config.top_k)
-    model = open_model(target, config)
-    samples = read_inputs(inputs, model.preprocess, invert=config.invert)
-    return model, classify(model, samples, config.top_k)
+    else:
+        model = open_model(target, config)
+        samples = _readable(files, model.preprocess, config.invert, unreadable)
+    return PredictResult(model, classify(model, samples, config.top_k), unreadable)
+
+
+def _readable(files: list[Path], preprocess: Preprocess, invert: bool, unreadable: list[tuple[str, str]]) -> list[Sample]:
+    """The samples of every readable file (the others appended to `unreadable`); `DataError` if there is none."""
+    samples = read_inputs(files, preprocess, invert=invert, unreadable=unreadable)
+    if not samples:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in unreadable)
+        raise DataError(f"no input could be read ({len(unreadable)} unreadable): {listed}")
+    return samples

@@ -37,7 +37,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from pipeline import artifacts, onnxfile, runtime
+from pipeline import artifacts, metrics, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.timing import TimingPlan, ratio_of_medians, summarize, time_interleaved
@@ -248,10 +248,12 @@ class Attempt:
     agreement: float
     drop_points: float
     passed: bool
+    worst_class: dict | None = None
+    """The gated class whose validation recall dropped most ({label, support, reference_recall, recall, drop_points})."""
 
     def to_dict(self) -> dict:
         return {"excluded": list(self.excluded), "accuracy": self.accuracy, "agreement": self.agreement,
-                "drop_points": round(self.drop_points, 4), "passed": self.passed}
+                "drop_points": round(self.drop_points, 4), "passed": self.passed, "worst_class": self.worst_class}
 
 
 @dataclass(frozen=True)
@@ -281,10 +283,14 @@ class QuantizeResult:
     sensitivity: tuple[NodeSensitivity, ...]
     structure: dict
     runtime: dict
+    class_drops: tuple[dict, ...] = ()
+    """Validation recall drop of every gated class of the shipped candidate, largest first."""
 
     def gate_dict(self) -> dict:
         return {"passed": True, "split": "validation", "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
                 "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
+                "max_class_recall_drop": self.config.max_class_recall_drop,
+                "class_min_support": self.config.class_min_support, "class_recall_drops": list(self.class_drops),
                 "agreement": self.agreement, "min_agreement": self.config.min_agreement,
                 "excluded_nodes": list(self.excluded), "attempts": [a.to_dict() for a in self.attempts],
                 "sensitivity": [s.to_dict() for s in self.sensitivity]}
@@ -296,23 +302,42 @@ def runtime_settings(config: QuantizeConfig) -> dict:
             "disabled_optimizers": list(config.disabled_optimizers)}
 
 
-def _passes(candidate: Score, fp32: Score, config: QuantizeConfig) -> tuple[bool, float]:
+def _passes(candidate: Score, fp32: Score, config: QuantizeConfig, y: np.ndarray,
+            labels: Sequence[str] | None) -> tuple[bool, float, list[dict]]:
+    """(passed, overall drop in points, per-class recall drops of the gated classes, largest first)."""
     drop = 100.0 * (fp32.accuracy - candidate.accuracy)
     # A tiny epsilon: accuracies are ratios of counts, and 0.5 points must pass at exactly 0.5.
     ok = drop <= config.max_accuracy_drop + 1e-9
     if config.min_agreement is not None:
         ok = ok and candidate.agreement >= config.min_agreement
-    return ok, drop
+    class_drops = metrics.worst_recall_drop(y, fp32.predictions, candidate.predictions, labels, config.class_min_support)
+    ok = ok and _class_gate_passes(class_drops, config.max_class_recall_drop)
+    return ok, drop, class_drops
+
+
+def _class_gate_passes(class_drops: list[dict], max_drop: float) -> bool:
+    return not class_drops or class_drops[0]["drop_points"] <= max_drop + 1e-9
+
+
+def _class_failure(class_drops: list[dict], max_drop: float) -> str:
+    """'' when every gated class is within `max_drop`, else the classes beyond it, in one phrase."""
+    beyond = [d for d in class_drops if d["drop_points"] > max_drop + 1e-9]
+    return "; ".join(f"class {d['label']!r} validation recall {100 * d['recall']:.2f}% vs fp32 "
+                     f"{100 * d['reference_recall']:.2f}% ({d['support']} images): drop {d['drop_points']:.2f} points "
+                     f"exceeds --max-class-recall-drop {max_drop:.2f}" for d in beyond)
 
 
 def quantize_gated(fp32_path: Path, out_path: Path, config: QuantizeConfig, calibration: np.ndarray | None,
-                   probe: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, fp32_runtime: dict | None = None) -> QuantizeResult:
+                   probe: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, fp32_runtime: dict | None = None,
+                   labels: Sequence[str] | None = None) -> QuantizeResult:
     """Quantize `fp32_path`, judge it on the validation split, exclude sensitive nodes if needed; write `out_path` only on a pass.
 
     `calibration`: preprocessed images for the static ranges. `probe`: preprocessed training images
     on which per-node sensitivity is measured (apart from `calibration`, so a bad calibration set
     cannot hide its own damage). `x_val`, `y_val`: the validation split, the only data any choice
-    here reads; the accuracies in the result are validation accuracies.
+    here reads; the accuracies in the result are validation accuracies. Besides the overall drop,
+    no class with enough validation images may lose more recall than `max_class_recall_drop`
+    (`labels` name the classes in the error).
     """
     settings = runtime_settings(config)
     fp32, _ = score(fp32_path, fp32_runtime or {}, x_val, y_val, None)
@@ -329,33 +354,37 @@ def quantize_gated(fp32_path: Path, out_path: Path, config: QuantizeConfig, cali
             quantize_model(prepared, candidate, config, calibration, excluded)
             _finish(candidate, fp32_path, config, excluded)
             result, _ = score(candidate, settings, x_val, y_val, fp32.predictions)
-            ok, drop = _passes(result, fp32, config)
-            attempts.append(Attempt(tuple(excluded), result.accuracy, result.agreement, drop, ok))
+            ok, drop, class_drops = _passes(result, fp32, config, y_val, labels)
+            attempts.append(Attempt(tuple(excluded), result.accuracy, result.agreement, drop, ok,
+                                    class_drops[0] if class_drops else None))
             log.info("int8 candidate %d: accuracy %.4f (fp32 %.4f, drop %.2f points), agreement %.4f, excluded %s",
                      len(attempts), result.accuracy, fp32.accuracy, drop, result.agreement, excluded or "-")
             if ok:
                 break
             if len(excluded) - fixed >= config.max_excluded_nodes:
-                raise _gate_error(fp32, result, drop, excluded, config, attempts)
+                raise _gate_error(fp32, result, drop, excluded, config, attempts, class_drops)
             if not ranking:
                 ranking = node_sensitivity(prepared, work, config, calibration, probe, excluded)
             remaining = [s for s in ranking if s.node not in excluded]
             if not remaining:
-                raise _gate_error(fp32, result, drop, excluded, config, attempts)
+                raise _gate_error(fp32, result, drop, excluded, config, attempts, class_drops)
             excluded.append(remaining[0].node)
         structure = structure_report(onnx.load(str(candidate)), prepared_model, excluded)
         artifacts.atomic_write_bytes(Path(out_path), candidate.read_bytes())
     return QuantizeResult(Path(out_path), config, fp32.accuracy, result.accuracy, result.agreement, drop,
-                          tuple(excluded), tuple(attempts), tuple(ranking), structure, settings)
+                          tuple(excluded), tuple(attempts), tuple(ranking), structure, settings, tuple(class_drops))
 
 
 def _gate_error(fp32: Score, result: Score, drop: float, excluded: Sequence[str], config: QuantizeConfig,
-                attempts: Sequence[Attempt]) -> AccuracyGateError:
+                attempts: Sequence[Attempt], class_drops: list[dict]) -> AccuracyGateError:
     agreement = "" if config.min_agreement is None else f" (min {100 * config.min_agreement:.2f}%)"
     tried = f" after keeping {len(excluded)} node(s) in fp32 ({', '.join(excluded)})" if excluded else ""
+    verdict = "exceeds" if drop > config.max_accuracy_drop + 1e-9 else "is within"
+    classes = _class_failure(class_drops, config.max_class_recall_drop)
     return AccuracyGateError(
         f"int8 ({config.artifact}) validation accuracy {100 * result.accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
-        f"drop {drop:.2f} points exceeds --max-accuracy-drop {config.max_accuracy_drop:.2f}{tried}; "
+        f"drop {drop:.2f} points {verdict} --max-accuracy-drop {config.max_accuracy_drop:.2f}"
+        + (f"; {classes}" if classes else "") + f"{tried}; "
         f"agreement with fp32 {100 * result.agreement:.2f}%{agreement}; {len(attempts)} candidate(s) tried, none written",
         fp32.accuracy, result.accuracy, drop, result.agreement, tuple(excluded))
 
@@ -457,7 +486,8 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
     plan = speed_plan(config)
     result: dict = {"threads": config.threads, "rounds": config.speed_rounds, "seconds_per_round": config.speed_seconds}
     for batch in (1, config.speed_batch):
-        inputs = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
+        # The first images, repeated to fill the batch (x may be lazy: read only what is used).
+        inputs = np.ascontiguousarray(x[np.arange(batch) % len(x)], dtype=np.float32)
         slots = {name: runtime.session_slot(session, inputs) for name, session in sessions.items()}
         slots.update({key: target.open("cpu", batch, config.threads, None, inputs)
                       for key, target in (other_engines or {}).items()})
@@ -564,7 +594,7 @@ class Candidate:
 
 def build_candidates(fp32_path: Path, folder: Path, config: QuantizeConfig, calibration: np.ndarray | None,
                      probe: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, fp32_runtime: dict | None = None,
-                     on_recipe=None) -> list[Candidate]:
+                     on_recipe=None, labels: Sequence[str] | None = None) -> list[Candidate]:
     """Every recipe of `recipes_to_try(config)` quantized and gated on the validation split, each file in `folder`.
 
     A recipe that fails its gate (or cannot be built) is a candidate with an error and its numbers;
@@ -583,7 +613,7 @@ def build_candidates(fp32_path: Path, folder: Path, config: QuantizeConfig, cali
         path = Path(folder) / f"model.{config.artifact}.{name}.onnx"
         try:
             result = quantize_gated(fp32_path, path, recipe_cfg, calibration if recipe_cfg.mode == "static" else None,
-                                    probe, x_val, y_val, fp32_runtime)
+                                    probe, x_val, y_val, fp32_runtime, labels)
             candidates.append(Candidate(name, recipe_cfg, path, result))
         except AccuracyGateError as exc:
             candidates.append(Candidate(name, recipe_cfg, path, None, str(exc), {
@@ -698,17 +728,20 @@ class Fp16Result:
     max_abs_diff: float
     relative_diff: float
     runtime: dict
+    class_drops: tuple[dict, ...] = ()
 
     def verification(self) -> dict:
         return {"parity": {"passed": True, "max_abs_diff": self.max_abs_diff, "relative_diff": self.relative_diff,
                            "tolerance": self.config.tolerance, "provider": self.config.provider},
                 "gate": {"passed": True, "split": "validation", "fp32_accuracy": self.fp32_accuracy, "accuracy": self.accuracy,
                          "drop_points": round(self.drop_points, 4), "max_accuracy_drop": self.config.max_accuracy_drop,
-                         "agreement": self.agreement}}
+                         "max_class_recall_drop": self.config.max_class_recall_drop,
+                         "class_min_support": self.config.class_min_support,
+                         "class_recall_drops": list(self.class_drops), "agreement": self.agreement}}
 
 
 def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_val: np.ndarray, y_val: np.ndarray,
-            fp32_runtime: dict | None = None) -> Fp16Result:
+            fp32_runtime: dict | None = None, labels: Sequence[str] | None = None) -> Fp16Result:
     """fp16 weights and compute with onnxruntime's float16 converter; checked for parity and accuracy on the
     validation split (`x_val`, `y_val`), written only on a pass.
 
@@ -748,10 +781,14 @@ def to_fp16(fp32_path: Path, out_path: Path, config: Fp16Config, x_val: np.ndarr
         if drop > config.max_accuracy_drop + 1e-9:
             failures.append(f"validation accuracy {100 * accuracy:.2f}% vs fp32 {100 * fp32.accuracy:.2f}%: "
                             f"drop {drop:.2f} points exceeds {config.max_accuracy_drop:.2f}")
+        class_drops = metrics.worst_recall_drop(y_val, fp32.predictions, predictions, labels, config.class_min_support)
+        if not _class_gate_passes(class_drops, config.max_class_recall_drop):
+            failures.append(_class_failure(class_drops, config.max_class_recall_drop))
         if failures:
             raise Fp16Error(f"fp16 model rejected, not written: {'; '.join(failures)}")
         artifacts.atomic_write_bytes(Path(out_path), candidate.read_bytes())
-    return Fp16Result(Path(out_path), config, fp32.accuracy, accuracy, agreement, drop, max_abs, relative, settings)
+    return Fp16Result(Path(out_path), config, fp32.accuracy, accuracy, agreement, drop, max_abs, relative, settings,
+                      tuple(class_drops))
 
 
 def config_record(config: QuantizeConfig) -> dict:

@@ -87,3 +87,26 @@ def plot_latency(records: list[dict], path: Path, title: str) -> None:
         tput_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """Counts per (true class, predicted class), with each row's recall in the row label."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix)
+    size = max(4.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # colour by row share: rare classes show too
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    recall = np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 6 else 0)
+    ax.set_yticks(range(len(labels)), [f"{label} ({100 * r:.0f}%, n={n})" for label, r, n in
+                                       zip(labels, recall, counts.sum(axis=1), strict=True)])
+    if len(labels) <= 30:
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                    color="white" if shown[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true class (recall, images)", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    save_figure(fig, path)

@@ -204,8 +204,8 @@ def _train_one(splits, data_config: DataConfig, variant: Variant, config: StudyC
     result = train.train(splits, replace(data_config, max_train_samples=len(splits.y_train)), model_config,
                          train_config, run_dir, on_epoch=on_epoch)
     model, _ = train.load_checkpoint(result.checkpoint)
-    tensors = train.to_tensors(splits, train.resolve_device("cpu"))
-    measured = {name: train.evaluate(model, *tensors[name]) for name in ("train", "val", "test")}
+    data = train.feeds(splits, train.resolve_device("cpu"))
+    measured = {name: train.evaluate(model, data[name]) for name in ("train", "val", "test")}
     shutil.rmtree(run_dir, ignore_errors=True)
     record = {
         "variant": variant.name, "seed": seed,

@@ -1,7 +1,9 @@
 """Training loop, evaluation and checkpoints.
 
-The data lives in memory as tensors and batches are index slices, so the hot loop has no
-per-sample Python work. After every epoch the full training state (weights, optimizer,
+In-memory sources (digits, IDX, npz) live on the device as normalized tensors and batches are
+index slices, so the hot loop has no per-sample Python work. Image folders stream: each batch
+is read from the decoded cache (uint8) and normalized on its own (`Feed`), so memory is bounded
+by the batch, not by the number of images. After every epoch the full training state (weights, optimizer,
 schedule, RNG states, history) is saved atomically, which is what `--resume` continues from:
 a resumed run reaches the same weights as an uninterrupted one with the same seed.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import __version__, distributed
+from pipeline import __version__, augment, distributed
 from pipeline.artifacts import CHECKPOINT, TRAIN_STATE, atomic_path
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from pipeline.data import Preprocess, Splits
@@ -61,6 +63,8 @@ class TrainResult:
     """Processes that trained the model together (torchrun); 1 for a single process."""
     replica_digests: tuple[str, ...] = ()
     """`distributed.parameter_digest` of the final weights on every rank, all equal."""
+    test_predictions: np.ndarray | None = None
+    """The best model's class index for every test image (rank 0 only), for the per-class results."""
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -85,42 +89,89 @@ def model_config_for(splits: Splits, base: ModelConfig) -> ModelConfig:
     return replace(config, strided_first_conv=config.first_conv_is_strided())
 
 
-def to_tensors(splits: Splits, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Preprocess once; every split becomes an (inputs, labels) pair on the device."""
+class Feed:
+    """One split as normalized float32 input batches and labels on the device.
+
+    Raw pixels held in memory (a numpy array) are normalized once and kept on the device; lazily
+    read ones (`data.LazyImages`, an image folder's cache) are read and normalized batch by batch.
+    """
+
+    def __init__(self, x, y: np.ndarray, preprocess: Preprocess, device: torch.device) -> None:
+        self.device = device
+        self.y = torch.from_numpy(np.asarray(y)).to(device)
+        self._lazy = None if isinstance(x, np.ndarray) else preprocess.apply(x)
+        self._x = torch.from_numpy(preprocess.apply(x)).to(device) if self._lazy is None else None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the images at `positions` (a CPU or device index tensor)."""
+        if self._x is not None:
+            positions = positions.to(self.device)
+            return self._x[positions], self.y[positions]
+        inputs = torch.from_numpy(self._lazy[positions.cpu().numpy()]).to(self.device)
+        return inputs, self.y[positions.to(self.device)]
+
+    def batches(self, positions: torch.Tensor, size: int = EVAL_BATCH):
+        for start in range(0, len(positions), size):
+            yield self.batch(positions[start:start + size])
+
+
+def feeds(splits: Splits, device: torch.device) -> dict[str, Feed]:
+    """The train, val and test splits as `Feed`s."""
     pairs = {"train": (splits.x_train, splits.y_train), "val": (splits.x_val, splits.y_val),
              "test": (splits.x_test, splits.y_test)}
-    return {name: (torch.from_numpy(splits.preprocess.apply(x)).to(device), torch.from_numpy(y).to(device))
-            for name, (x, y) in pairs.items()}
+    return {name: Feed(x, y, splits.preprocess, device) for name, (x, y) in pairs.items()}
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: nn.Module, feed: Feed) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the model in eval mode."""
-    loss, correct = _evaluate_sums(model, x, y)
-    return loss / len(y), correct / len(y)
+    loss, correct = _evaluate_sums(model, feed, torch.arange(len(feed)))
+    return loss / len(feed), correct / len(feed)
 
 
 @torch.inference_mode()
-def _evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """(summed cross-entropy, correct count) of the model in eval mode."""
+def _evaluate_sums(model: nn.Module, feed: Feed, positions: torch.Tensor) -> tuple[float, int]:
+    """(summed cross-entropy, correct count) of the model in eval mode over the images at `positions`."""
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    for start in range(0, len(y), EVAL_BATCH):
-        logits = model(x[start:start + EVAL_BATCH])
-        target = y[start:start + EVAL_BATCH]
+    for inputs, target in feed.batches(positions):
+        logits = model(inputs)
         loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(1) == target).sum())
     model.train(was_training)
     return loss, correct
 
 
-def evaluate_across(model: nn.Module, x: torch.Tensor, y: torch.Tensor, world: distributed.World) -> tuple[float, float]:
+@torch.inference_mode()
+def predict_feed(model: nn.Module, feed: Feed) -> np.ndarray:
+    """Class indices of every image of the split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [model(inputs).argmax(1).cpu().numpy() for inputs, _ in feed.batches(torch.arange(len(feed)))]
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_across(model: nn.Module, feed: Feed, world: distributed.World) -> tuple[float, float]:
     """`evaluate` with each rank scoring every N-th image and the sums reduced across ranks."""
     if not world.distributed:
-        return evaluate(model, x, y)
-    part = slice(world.rank, None, world.world_size)
-    loss, correct, count = distributed.all_reduce_sum((*_evaluate_sums(model, x[part], y[part]), len(y[part])), world)
+        return evaluate(model, feed)
+    part = torch.arange(world.rank, len(feed), world.world_size)
+    loss, correct, count = distributed.all_reduce_sum((*_evaluate_sums(model, feed, part), len(part)), world)
     return loss / count, correct / count
+
+
+def _balancing(y: np.ndarray, num_classes: int, balance: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(cross-entropy class weights, per-image sampling weights) for `TrainConfig.balance`; None where unused."""
+    if balance == "none":
+        return None, None
+    counts = np.bincount(np.asarray(y), minlength=num_classes).astype(np.float64)
+    if balance == "weights":  # n / (K * n_k): a class's images weigh as much together as any other class's
+        return torch.tensor(len(y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32), None
+    return None, torch.tensor(1.0 / counts[np.asarray(y)], dtype=torch.float64)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -161,8 +212,9 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    tensors = to_tensors(splits, device)
-    x_train, y_train = tensors["train"]
+    data = feeds(splits, device)
+    class_weights, sample_weights = _balancing(splits.y_train, model_config.num_classes, config.balance)
+    class_weights = None if class_weights is None else class_weights.to(device)
     model = DropoutCNN(model_config).to(device)
     net = distributed.wrap(model, device, world)  # the model itself for a single process
     batch_size = distributed.local_batch(config.batch_size, world)
@@ -181,24 +233,28 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
         net.train()
         if world.distributed:
             torch.manual_seed(distributed.seed_for_epoch(config.seed, epoch, world))
-        order = distributed.shard(torch.randperm(len(y_train), generator=shuffle).to(device), world)
+        if sample_weights is not None:  # balanced sampling: every class equally likely, with replacement
+            drawn = torch.multinomial(sample_weights, len(sample_weights), replacement=True, generator=shuffle)
+        else:
+            drawn = torch.randperm(len(data["train"]), generator=shuffle)
+        order = distributed.shard(drawn, world)
         total_loss, correct = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            inputs, target = x_train[index], y_train[index]
+        for inputs, target in data["train"].batches(order, batch_size):
+            if config.augment == "photo":
+                inputs = augment.photo(inputs, splits.preprocess.mean, splits.preprocess.std)
             logits = net(inputs)
-            loss = nn.functional.cross_entropy(logits, target)
+            loss = nn.functional.cross_entropy(logits, target, weight=class_weights)
             objective = loss + config.l1 * _l1_penalty(model) if config.l1 > 0 else loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * len(index)
+            total_loss += float(loss.detach()) * len(target)
             correct += int((logits.argmax(1) == target).sum())
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         distributed.broadcast_buffers(model, world)
         total_loss, correct, seen = distributed.all_reduce_sum((total_loss, correct, len(order)), world)
-        val_loss, val_accuracy = evaluate_across(model, *tensors["val"], world)
+        val_loss, val_accuracy = evaluate_across(model, data["val"], world)
         seconds = time.perf_counter() - started
         result = EpochResult(epoch, total_loss / seen, correct / seen, val_loss, val_accuracy, lr, seconds)
         if not (math.isfinite(val_loss) and math.isfinite(result.train_loss)):
@@ -229,14 +285,15 @@ def train(splits: Splits, data_config: DataConfig, model_config: ModelConfig, co
 
     model.load_state_dict(state["best_state"])
     digests = distributed.check_replicas(model, world)
-    test_loss, test_accuracy = evaluate_across(model, *tensors["test"], world)
+    test_loss, test_accuracy = evaluate_across(model, data["test"], world)
+    test_predictions = predict_feed(model, data["test"]) if world.is_main else None
     checkpoint = run_dir / CHECKPOINT
     if world.is_main:
         save_checkpoint(checkpoint, model, splits.preprocess, splits.labels, splits.fingerprint,
                         data_config, config, state["best_epoch"])
     return TrainResult(checkpoint, tuple(EpochResult(**h) for h in state["history"]), state["best_epoch"],
                        test_accuracy, test_loss, state["seconds"], stopped_early, str(device),
-                       world.world_size, digests)
+                       world.world_size, digests, test_predictions)
 
 
 # --- training state, for --resume ------------------------------------------------------

@@ -282,7 +282,8 @@ def torch_logits(torch_model, x: np.ndarray) -> np.ndarray:
 
 
 def _cycle(images: np.ndarray, count: int) -> np.ndarray:
-    return np.ascontiguousarray(np.take(images, np.arange(count) % len(images), axis=0).astype(np.float32))
+    # Indexing, not np.take: `images` may be lazy (`data.LazyImages`), read only where indexed.
+    return np.ascontiguousarray(images[np.arange(count) % len(images)], dtype=np.float32)
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -90,8 +90,9 @@ def train_run(data_config: DataConfig, model_config: ModelConfig, train_config: 
 def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train_config: TrainConfig,
                result, staging: Path, out: Path) -> TrainRun:
     """Metrics, curves and manifest of a finished training, then the staging folder moved to `out`."""
+    from pipeline.metrics import per_class
     from pipeline.model import DropoutCNN, count_parameters
-    from pipeline.report import plot_learning_curves
+    from pipeline.report import plot_confusion_matrix, plot_learning_curves
 
     history = [h.to_dict() for h in result.history]
     metrics = {"history": history, "epochs_run": len(history), "best_epoch": result.best_epoch,
@@ -100,8 +101,13 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
                "train_seconds": result.train_seconds, "seconds_per_epoch": result.seconds_per_epoch,
                "images_per_second": len(splits.y_train) * len(history) / max(result.train_seconds, 1e-9),
                "device": result.device, "world_size": result.world_size,
-               "replica_sha256": list(result.replica_digests)}
+               "replica_sha256": list(result.replica_digests),
+               "test_per_class": per_class(splits.y_test, result.test_predictions, splits.labels)}
     artifacts.atomic_write_json(staging / artifacts.METRICS, metrics)
+    plot_confusion_matrix(metrics["test_per_class"]["confusion_matrix"], list(splits.labels), staging / artifacts.CONFUSION,
+                          f"{splits.source}: test split, accuracy {100 * result.test_accuracy:.2f}%")
+    if splits.bad or splits.ignored:
+        artifacts.atomic_write_json(staging / artifacts.SKIPPED_IMAGES, splits.skipped_record())
     plot_learning_curves(history, staging / artifacts.CURVES,
                          f"{splits.source}: dropout {model_config.dropout}, test accuracy {100 * result.test_accuracy:.2f}%")
     manifest = _new_manifest(
@@ -119,7 +125,7 @@ def _write_run(splits, data_config: DataConfig, model_config: ModelConfig, train
 
 
 def _dataset_record(splits, data_config: DataConfig) -> schema.Dataset:
-    return schema.Dataset(splits.source, splits.fingerprint, splits.sizes(), to_dict(data_config))
+    return schema.Dataset.from_dict(splits.record(data_config), "dataset")
 
 
 def _new_manifest(labels, preprocess, dataset: schema.Dataset, model: schema.Model, training: schema.Training) -> dict:
@@ -183,6 +189,7 @@ def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[s
     import time
 
     from pipeline import export, simplify, train, verify
+    from pipeline.metrics import per_class
     from pipeline.onnxfile import load_model, op_histogram
 
     step = on_step or (lambda name: None)
@@ -250,6 +257,7 @@ def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[s
 
     record = _fp32_record(written, sha256, size, accuracy, raw_check, final_check, simplify_report,
                           checkpoint, checkpoint_sha, config)
+    record["test_per_class"] = per_class(y_test, accuracy["ort_predictions"], manifest["labels"])
     export_section = {
         "created": artifacts.now_iso(), "config": to_dict(config),
         "checkpoint": _relative(checkpoint, run_dir, home), "checkpoint_sha256": checkpoint_sha,
@@ -330,7 +338,8 @@ def _ort_vs_torch_accuracy(proto, model, x_test, y_test) -> dict:
     ort_pred = run_batched(session, x_test).argmax(1)
     torch_pred = predictions(model, x_test)
     return {"ort": float(np.mean(ort_pred == y_test)), "torch": float(np.mean(torch_pred == y_test)),
-            "differing_predictions": int(np.sum(ort_pred != torch_pred)), "test_images": int(len(y_test))}
+            "differing_predictions": int(np.sum(ort_pred != torch_pred)), "test_images": int(len(y_test)),
+            "ort_predictions": ort_pred}
 
 
 def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, final_check, simplify_report,
@@ -452,6 +461,7 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     import numpy as np
 
     from pipeline import data, quantize
+    from pipeline.metrics import per_class
 
     step = on_step or (lambda name: None)
     manifest = artifacts.read_manifest(run_dir)
@@ -484,7 +494,8 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     # timed against each other (and fp32, fp16) in one speed check and the fastest ships as `target`.
     candidates = quantize.build_candidates(
         fp32_path, run_dir, config, calibration if config.mode == "static" else None, probe, x_val, splits.y_val,
-        fp32_runtime, on_recipe=lambda name: step(f"int8 candidate {name}: quantize and gate on validation"))
+        fp32_runtime, on_recipe=lambda name: step(f"int8 candidate {name}: quantize and gate on validation"),
+        labels=manifest["labels"])
     passed = [c for c in candidates if c.passed]
     warnings: list[str] = []
     models = {"fp32": (fp32_path, fp32_runtime), **{c.recipe: (c.path, c.result.runtime) for c in passed}}
@@ -493,7 +504,7 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     if fp16_config is not None:
         step("fp16 variant")
         fp16_result = quantize.to_fp16(fp32_path, run_dir / "model.fp16.onnx", fp16_config, x_val, splits.y_val,
-                                       fp32_runtime)
+                                       fp32_runtime, labels=manifest["labels"])
         models["fp16"] = (fp16_result.path, fp16_result.runtime)
 
     speed, other_engines, engine_checks = None, {}, {}
@@ -544,6 +555,8 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
         fp16_record["latency"] = _latency_for(speed, "fp16")
         records["fp16"] = fp16_record
     new_deployments = []
+    for name, entry in records.items():
+        entry["test_per_class"] = per_class(splits.y_test, tested[name].predictions, manifest["labels"])
     if speed is not None:
         for entry in records.values():
             entry["latency"]["host"] = deployments.host()

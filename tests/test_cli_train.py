@@ -72,7 +72,9 @@ def test_train_on_an_idx_folder(tmp_path):
     (["--conv-channels", "a,b"], "comma-separated integers"),
     (["--dataset", "idx"], "--data-dir is required"),
     (["--dataset", "idx", "--data-dir", "/nonexistent/mnist"], "no such data folder"),
-    (["--dataset", "folder", "--data-dir", "/tmp"], "--image-size is required"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/photos"], "no such data folder"),
+    (["--resize", "stretch"], "unknown resize mode 'stretch'"),
+    (["--on-bad-image", "ignore"], "unknown bad-image policy 'ignore'"),
 ])
 def test_bad_options_are_one_line_errors_and_leave_no_folder(tmp_path, args, fragment):
     out = tmp_path / "run"

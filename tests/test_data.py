@@ -103,7 +103,7 @@ def test_image_folder_errors(tmp_path):
         data.load(DataConfig(dataset="folder", data_dir=tmp_path / "empty", image_size=(8, 8)))
     folder = write_image_folder(tmp_path / "imgs")
     (folder / "class_0" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png: unreadable image"):
+    with pytest.raises(DataError, match="1 unreadable image file: class_0/broken.png \\(cannot identify image file\\)"):
         data.load(DataConfig(dataset="folder", data_dir=folder, image_size=(8, 8)))
 
 

@@ -256,6 +256,29 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
         assert result.output.startswith("error:") and str(path.name) in result.output
 
 
+def test_files_folders_and_globs_report_every_readable_image_and_list_the_rest(exported, tmp_path):
+    raw, _ = digits_test_split(exported, 5)
+    scale = artifacts.read_manifest(exported)["preprocess"]["scale"]
+    pngs = write_pngs(tmp_path / "shots" / "day1", to_8bit(raw, scale))
+    expected = reference_labels(exported, raw)
+    (tmp_path / "shots" / "day1" / "._000.png").write_bytes(b"resource fork")  # never an input
+    (tmp_path / "shots" / "broken.png").write_bytes(b"\x89PNG not really")
+    payload = predict_json(str(exported), str(tmp_path / "shots"), str(tmp_path / "missing.png"))
+    assert [p["input"] for p in payload["predictions"]] == [str(p) for p in pngs]  # the folder, recursively
+    assert np.array_equal(top_labels(payload), expected)
+    assert {u["input"] for u in payload["unreadable"]} == {str(tmp_path / "shots" / "broken.png"),
+                                                            str(tmp_path / "missing.png")}
+    by_glob = predict_json(str(exported), str(tmp_path / "shots" / "**" / "00[12].png"))
+    assert [p["input"] for p in by_glob["predictions"]] == [str(pngs[1]), str(pngs[2])]
+    assert by_glob["unreadable"] == []
+    # --strict: the same readable results, then a non-zero exit naming the unreadable ones.
+    strict = cli("predict", str(exported), str(pngs[0]), str(tmp_path / "shots" / "broken.png"), "--strict")
+    assert strict.exit_code == 3 and "broken.png" in strict.output and "1 unreadable input(s) beside 1" in strict.output
+    # Nothing readable at all: an error, as before.
+    nothing = cli("predict", str(exported), str(tmp_path / "nothing-*.png"))
+    assert nothing.exit_code == 3 and "no input could be read" in nothing.output and "matches" in nothing.output
+
+
 # --- a bare .onnx ---------------------------------------------------------------------------
 
 

@@ -379,11 +379,11 @@ def _scrambled_test_labels(monkeypatch, point_gate_at_test: bool = False) -> Non
     if point_gate_at_test:
         real_gate = quantize.quantize_gated
 
-        def gate_on_test(fp32_path, out_path, config, calibration, probe, x_val, y_val, fp32_runtime=None):
+        def gate_on_test(fp32_path, out_path, config, calibration, probe, x_val, y_val, fp32_runtime=None, labels=None):
             manifest = artifacts.read_manifest(Path(fp32_path).parent)
             splits = scrambled(DataConfig.from_dict(manifest["dataset"]["config"]), manifest["dataset"]["fingerprint"], "test")
             x_test = data.Preprocess.from_dict(manifest["preprocess"]).apply(splits.x_test)
-            return real_gate(fp32_path, out_path, config, calibration, probe, x_test, splits.y_test, fp32_runtime)
+            return real_gate(fp32_path, out_path, config, calibration, probe, x_test, splits.y_test, fp32_runtime, labels)
 
         monkeypatch.setattr(quantize, "quantize_gated", gate_on_test)
 
@@ -416,3 +416,92 @@ def test_scrambled_test_labels_change_no_choice(exported_run_master, tmp_path, m
         assert _quantize_choices(runs["scrambled"]) != _quantize_choices(runs["honest"])
     else:
         assert _quantize_choices(runs["scrambled"]) == _quantize_choices(runs["honest"])
+
+
+# --- the per-class gate ------------------------------------------------------------------------
+
+
+def _harmed(y: np.ndarray, predictions: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
+    """`predictions` with `per_class` correct answers of each class in `classes` made wrong."""
+    out = predictions.copy()
+    for k in classes:
+        right = np.flatnonzero((y == k) & (predictions == k))[:per_class]
+        out[right] = (k + 1) % (int(y.max()) + 1)
+    return out
+
+
+def test_class_gate_refuses_a_variant_that_ruins_one_class_only():
+    from pipeline.quantize import Score, _passes
+
+    y = np.repeat(np.arange(5), 40)  # 5 classes x 40 validation images
+    fp32 = Score(1.0, 1.0, y.copy())
+    config = QuantizeConfig(max_accuracy_drop=2.0, max_class_recall_drop=2.0, class_min_support=20)
+    one_class = _harmed(y, y, [3], 4)      # 4 of 200 wrong: 2 points overall, 10 points of class 3
+    spread = _harmed(y, y, [0, 1, 2, 3], 1)  # 4 of 200 wrong, 1 per class: 2.5 points of each
+    names = ("cat", "dog", "fox", "owl", "yak")
+    ok, drop, classes = _passes(Score(0.98, 0.98, one_class), fp32, config, y, names)
+    assert drop == pytest.approx(2.0) and not ok
+    assert classes[0] == {"label": "owl", "support": 40, "reference_recall": 1.0, "recall": 0.9, "drop_points": 10.0}
+    # Negative controls: the overall gate alone passes it; without harm, and with the harm spread thin, it passes.
+    assert _passes(Score(0.98, 0.98, one_class), fp32, QuantizeConfig(max_accuracy_drop=2.0, max_class_recall_drop=100),
+                   y, names)[0]
+    assert _passes(Score(1.0, 1.0, y.copy()), fp32, config, y, names)[0]
+    assert _passes(Score(0.98, 0.98, spread), fp32, QuantizeConfig(max_accuracy_drop=2.0, max_class_recall_drop=3.0),
+                   y, names)[0]
+    # A rare class is reported, not gated: 10 images are below class_min_support.
+    rare_y = np.concatenate([y, np.full(10, 5)])
+    rare_harm = np.concatenate([y, np.array([5] * 8 + [0] * 2)])
+    ok, _, classes = _passes(Score(0.99, 0.99, rare_harm), Score(1.0, 1.0, rare_y.copy()), config, rare_y, None)
+    assert ok and all(c["label"] != "5" for c in classes)
+
+
+def test_class_gate_config_is_validated():
+    with pytest.raises(ValueError, match="max class recall drop must be in \\[0, 100\\] points"):
+        QuantizeConfig(max_class_recall_drop=-1)
+    with pytest.raises(ValueError, match="class min support must be >= 1"):
+        Fp16Config(class_min_support=0)
+    assert QuantizeConfig().max_class_recall_drop == 2.0 == Fp16Config().max_class_recall_drop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("harm,class_gate,passes", [
+    ("one class", 10.0, False),   # the per-class gate refuses it...
+    ("one class", 100.0, True),   # ...which the overall gate alone would ship (negative control)
+    ("spread", 10.0, True),       # the same number of errors spread over classes passes (negative control)
+    ("none", 10.0, True),
+])
+def test_int8_harmed_on_one_class_is_refused_by_the_class_gate(exported_run_master, tmp_path, monkeypatch,
+                                                                harm, class_gate, passes):
+    """A real int8 candidate whose validation answers are made wrong on 3 images of one class (a crafted
+    harm: ~2 points overall, ~20 points of that class) is refused only by the per-class gate."""
+    from pipeline import data, quantize
+    from pipeline.quantize import AccuracyGateError
+
+    manifest = artifacts.read_manifest(exported_run_master)
+    splits = data.load(DataConfig.from_dict(manifest["dataset"]["config"]))
+    pre = data.Preprocess.from_dict(manifest["preprocess"])
+    x_train, x_val = pre.apply(splits.x_train), pre.apply(splits.x_val)
+    fp32_path = exported_run_master / "model.onnx"
+    real_score = quantize.score
+
+    def harmed_score(path, settings, x, y, reference, provider="cpu"):
+        result, logits = real_score(path, settings, x, y, reference, provider)
+        if Path(path) == fp32_path or harm == "none":
+            return result, logits
+        predictions = _harmed(y, result.predictions, [4] if harm == "one class" else [1, 4, 7], 3 if harm == "one class" else 1)
+        return quantize.Score(float(np.mean(predictions == y)), float(np.mean(predictions == reference)), predictions), logits
+
+    monkeypatch.setattr(quantize, "score", harmed_score)
+    config = QuantizeConfig(max_accuracy_drop=3.0, max_class_recall_drop=class_gate, class_min_support=10,
+                            max_excluded_nodes=0, speed_check=False)
+    out = tmp_path / "model.int8.onnx"
+    call = (fp32_path, out, config, quantize.sample_images(x_train, 64, 0), quantize.sample_images(x_train, 16, 1),
+            x_val, splits.y_val, None, manifest["labels"])
+    if passes:
+        assert quantize.quantize_gated(*call).path == out and out.exists()
+        return
+    with pytest.raises(AccuracyGateError) as caught:
+        quantize.quantize_gated(*call)
+    message = str(caught.value)
+    assert "is within --max-accuracy-drop 3.00" in message and "class '4' validation recall" in message
+    assert "exceeds --max-class-recall-drop 10.00" in message and not out.exists()

@@ -16,7 +16,7 @@ import typer
 
 from pipeline.commands import mc as m
 from pipeline.commands import quantize as q
-from pipeline.commands.options import console, int_list
+from pipeline.commands.options import CacheDirNow, DataDirNow, DecodeEta, console, int_list
 from pipeline.errors import ConfigError
 
 
@@ -47,6 +47,7 @@ def export(
     calibration_samples: q.CalibrationSamples = 256,
     calibration_seed: q.CalibrationSeed = 0,
     max_accuracy_drop: q.MaxAccuracyDrop = 0.5,
+    max_class_recall_drop: q.MaxClassRecallDrop = 2.0,
     max_excluded_nodes: q.MaxExcluded = 1,
     exclude_nodes: q.ExcludeNodes = None,
     keep_first_conv_fp32: q.KeepFirstConv = None,
@@ -60,6 +61,8 @@ def export(
     mc_samples: m.McSamples = 32,
     mc_max_accuracy_drop: m.McMaxAccuracyDrop = 0.5,
     mc_ood_data: m.McOodData = None,
+    data_dir: DataDirNow = None,
+    cache_dir: CacheDirNow = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest records as JSON on stdout.")] = False,
 ) -> None:
     """Export a trained model to one self-contained ONNX file, with proof that dropout is gone.
@@ -71,6 +74,7 @@ def export(
     onnx's ReferenceEvaluator. Test accuracy through ONNX Runtime is recorded in manifest.json.
     Nothing is written unless every check passes.
     """
+    from pipeline import data
     from pipeline.config import ExportConfig
     from pipeline.workflow import adopt_checkpoint, export_run
 
@@ -83,11 +87,12 @@ def export(
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
                                              exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
-                                             speed_batch, fp16, recipes, keep_candidates)
+                                             speed_batch, fp16, recipes, keep_candidates, max_class_recall_drop)
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ConfigError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")
-    with console.status("export") as status:
+    with console.status("export") as status, \
+            data.reading(DecodeEta(lambda text, *_: status.update(f"export: {text}")), data_dir, cache_dir):
         def on_step(name: str) -> None:
             status.update(f"export: {name}")
 
@@ -101,10 +106,11 @@ def export(
     summary = show(result)
 
     # Follow-up steps on the exported fp32 model go here, each as `if option: report[key] = ...`.
-    if quantize:
-        report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
-    if mc_dropout:
-        report["mc"] = m.follow_up(result.run_dir, mc_config)
+    with data.reading(None, data_dir, cache_dir):  # the image cache is built by now: nothing to show
+        if quantize:
+            report["quantize"] = q.follow_up(result.run_dir, quantize_config, fp16_config)
+        if mc_dropout:
+            report["mc"] = m.follow_up(result.run_dir, mc_config)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))

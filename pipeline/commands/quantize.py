@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import console
+from pipeline.commands.options import CacheDirNow, DataDirNow, console
 
 Dynamic = Annotated[bool, typer.Option("--dynamic", help="Dynamic int8 (activation ranges at run time, no calibration) "
                                                           "instead of static; written as int8_dynamic.")]
@@ -29,6 +29,9 @@ CalibrationSeed = Annotated[int, typer.Option("--calibration-seed",
                                                help="Seed of the calibration sample (same seed, same file).")]
 MaxAccuracyDrop = Annotated[float, typer.Option("--max-accuracy-drop",
                                                 help="Largest test accuracy drop (points) an int8 model may ship with.")]
+MaxClassRecallDrop = Annotated[float, typer.Option(
+    "--max-class-recall-drop", help="Largest validation recall drop (points) of any one class with enough validation "
+                                    "images (int8 and fp16 gates).")]
 MaxExcluded = Annotated[int, typer.Option("--max-excluded-nodes",
                                           help="When the gate fails, keep up to this many of the most sensitive nodes in fp32.")]
 ExcludeNodes = Annotated[Optional[list[str]], typer.Option("--exclude-node",
@@ -56,7 +59,7 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
             calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
             exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool | None = None,
             disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
-            fp16: bool = False, recipes: str = "", keep_candidates: bool = False):
+            fp16: bool = False, recipes: str = "", keep_candidates: bool = False, max_class_recall_drop: float = 2.0):
     """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
     from pipeline.config import Fp16Config, QuantizeConfig
 
@@ -67,8 +70,8 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
                             nodes_to_exclude=tuple(exclude_nodes or ()), keep_first_conv_fp32=keep_first_conv_fp32,
                             disabled_optimizers=tuple(disable_optimizers or QuantizeConfig.disabled_optimizers),
                             speed_check=speed_check, speed_batch=speed_batch, recipes=_recipes(recipes),
-                            keep_candidates=keep_candidates)
-    return config, (Fp16Config() if fp16 else None)
+                            keep_candidates=keep_candidates, max_class_recall_drop=max_class_recall_drop)
+    return config, (Fp16Config(max_class_recall_drop=max_class_recall_drop) if fp16 else None)
 
 
 def _recipes(text: str) -> tuple[str, ...] | None:
@@ -120,6 +123,10 @@ def show(result) -> None:
     console.print(table)
     gate = result.record["verification"]["gate"]
     kept = gate["excluded_nodes"]
+    worst = (gate.get("class_recall_drops") or [None])[0]
+    if worst is not None:
+        console.print(f"{result.variant}: largest class recall drop {worst['drop_points']:.2f} points, class "
+                      f"{worst['label']!r} ({worst['support']} validation images; gate {gate['max_class_recall_drop']:.2f})")
     console.print(f"{result.variant}: accuracy drop {gate['drop_points']:.2f} points (gate {gate['max_accuracy_drop']:.2f}), "
                   f"{len(kept)} node(s) kept in fp32{': ' + ', '.join(kept) if kept else ''}")
     recipe = result.record.get("quantization", {})
@@ -151,6 +158,7 @@ def quantize(
     calibration_samples: CalibrationSamples = 256,
     calibration_seed: CalibrationSeed = 0,
     max_accuracy_drop: MaxAccuracyDrop = 0.5,
+    max_class_recall_drop: MaxClassRecallDrop = 2.0,
     max_excluded_nodes: MaxExcluded = 1,
     exclude_nodes: ExcludeNodes = None,
     keep_first_conv_fp32: KeepFirstConv = None,
@@ -160,6 +168,8 @@ def quantize(
     recipes: Recipes = "",
     keep_candidates: KeepCandidates = False,
     fp16: Fp16 = False,
+    data_dir: DataDirNow = None,
+    cache_dir: CacheDirNow = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Quantize an exported run to int8 (model.int8.onnx), refusing a model that loses accuracy.
@@ -171,5 +181,8 @@ def quantize(
     config, fp16_config = configs(dynamic, method, format, per_channel, activation_type, weight_type, calibration_samples,
                                   calibration_seed, max_accuracy_drop, max_excluded_nodes, exclude_nodes,
                                   keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16,
-                                  recipes, keep_candidates)
-    run(run_dir, config, fp16_config, as_json)
+                                  recipes, keep_candidates, max_class_recall_drop)
+    from pipeline import data
+
+    with data.reading(None, data_dir, cache_dir):
+        run(run_dir, config, fp16_config, as_json)

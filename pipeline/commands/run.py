@@ -21,7 +21,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
+from pipeline.commands.options import (
+    IMAGE_SIZE_HELP,
+    CacheDir,
+    DecodeEta,
+    OnBadImage,
+    Resize,
+    StridedFirstConv,
+    console,
+    image_size,
+    int_list,
+)
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError, Interrupted, RunFolderError
 
@@ -31,7 +41,10 @@ TWIN_SUFFIX = "-dropout0"
 def run(
     dataset: Annotated[str, typer.Option(help="digits (bundled), idx, folder or npz (see `pipeline train --help`).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
-    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to N or HxW (folder).")] = None,
+    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
+    resize: Resize = "squash",
+    on_bad_image: OnBadImage = "fail",
+    cache_dir: CacheDir = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing run folders (kept until the new training completes).")] = False,
     epochs: Annotated[int, typer.Option(help="Maximum epochs; early stopping may end sooner (as `pipeline train`).")] = TrainConfig.epochs,
@@ -55,7 +68,8 @@ def run(
     from pipeline.config import BenchConfig, DataConfig, ExportConfig, ModelConfig, QuantizeConfig
     from pipeline.workflow import default_run_dir
 
-    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
+    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), resize=resize,
+                             on_bad_image=on_bad_image, cache_dir=cache_dir, seed=seed)
     model_config = ModelConfig(conv_channels=int_list(conv_channels, "--conv-channels"),
                                fc_units=int_list(fc_units, "--fc-units"), dropout=dropout,
                                strided_first_conv=strided_first_conv)
@@ -71,7 +85,10 @@ def run(
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    with console.status("run") as status:
+    from pipeline import data
+
+    with console.status("run") as status, \
+            data.reading(DecodeEta(lambda text, *_: status.update(f"run: {text}"))):
         def stage(name: str, fn, *args, **kwargs):
             status.update(f"run: {name}")
             t0 = time.perf_counter()

@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
+from pipeline.commands.options import (
+    IMAGE_SIZE_HELP,
+    CacheDir,
+    OnBadImage,
+    Resize,
+    StridedFirstConv,
+    console,
+    image_size,
+    int_list,
+)
 from pipeline.config import STUDY_VARIANTS, DataConfig, StudyConfig
 
 # --quick: the whole study on 2 CPU cores in well under 3 minutes (bundled digits).
@@ -23,7 +32,10 @@ def study(
     dataset: Annotated[str, typer.Option(help="digits, idx, folder or npz (as for `pipeline train`).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
     image_size_text: Annotated[Optional[str], typer.Option(
-        "--image-size", help="Resize images to N or HxW (required for folder).")] = None,
+        "--image-size", help=IMAGE_SIZE_HELP)] = None,
+    resize: Resize = "squash",
+    on_bad_image: OnBadImage = "fail",
+    cache_dir: CacheDir = None,
     quick: Annotated[bool, typer.Option(
         help="A small profile (2 seeds, sizes 100,300, 30 epochs, narrow CNN): under 3 minutes on 2 cores.")] = False,
     seeds: Annotated[Optional[str], typer.Option(help="Training seeds, comma-separated (default 0,1,2; --quick 0,1).")] = None,
@@ -70,7 +82,8 @@ def study(
         values["fc_units"] = int_list(fc_units, "--fc-units")
     config = StudyConfig(**values, weight_decay=weight_decay, l1=l1, spatial_dropout=spatial_dropout, threads=threads,
                          strided_first_conv=strided_first_conv)
-    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
+    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), resize=resize,
+                             on_bad_image=on_bad_image, cache_dir=cache_dir, seed=seed)
     folder = out or _default_out(data_config)
 
     with StudyProgress() as progress:

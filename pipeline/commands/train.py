@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
+from pipeline.commands.options import (
+    IMAGE_SIZE_HELP,
+    CacheDir,
+    DecodeEta,
+    OnBadImage,
+    Resize,
+    StridedFirstConv,
+    console,
+    image_size,
+    int_list,
+)
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.errors import ConfigError, Interrupted
 
@@ -20,8 +30,11 @@ def train(
     dataset: Annotated[str, typer.Option(help="digits (bundled 8x8 handwriting), idx (folder of IDX files), "
                                               "folder (one sub-folder of PNG/JPEG per class), npz (x_train, y_train, x_test, y_test).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
-    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help="Resize images to N or HxW (required for folder).")] = None,
+    image_size_text: Annotated[Optional[str], typer.Option("--image-size", help=IMAGE_SIZE_HELP)] = None,
     channels: Annotated[Optional[int], typer.Option(help="1 or 3 channels for folder images; default: 1 if all are grayscale.")] = None,
+    resize: Resize = "squash",
+    on_bad_image: OnBadImage = "fail",
+    cache_dir: CacheDir = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to write. Default: models/digits, or models/<data folder name>.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing run folder (the old one stays until the new run completes).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
@@ -47,6 +60,10 @@ def train(
     test_fraction: Annotated[float, typer.Option(help="Test share when the data has no test split.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation share of the training split.")] = 0.1,
     max_train_samples: Annotated[Optional[int], typer.Option(help="Keep only this many training images (stratified).")] = None,
+    augment: Annotated[str, typer.Option(help="photo: random resized crop, horizontal flip and small colour jitter per "
+                                              "batch (for photos; never for digits); none.")] = "none",
+    balance: Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weighted by n / (K * n_class)) "
+                                              "or sampler (every class equally likely per draw).")] = "none",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only the result line.")] = False,
 ) -> None:
     """Train the dropout CNN and write a run folder (checkpoint, metrics, curves, manifest).
@@ -56,25 +73,27 @@ def train(
     Under `torchrun --nproc_per_node N -m pipeline train ...` the N processes train one model
     with DistributedDataParallel; only rank 0 writes the run folder and shows progress.
     """
-    from pipeline import artifacts, distributed
+    from pipeline import artifacts, data, distributed
     from pipeline.workflow import default_run_dir, train_run
 
     if resume is not None:
         _refuse_changes_on_resume(ctx)
 
     data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text),
-                             channels=channels, test_fraction=test_fraction, val_fraction=val_fraction,
+                             channels=channels, resize=resize, on_bad_image=on_bad_image, cache_dir=cache_dir,
+                             test_fraction=test_fraction, val_fraction=val_fraction,
                              max_train_samples=max_train_samples, seed=seed)
     model_config = ModelConfig(conv_channels=int_list(conv_channels, "--conv-channels"),
                                fc_units=int_list(fc_units, "--fc-units"), dropout=dropout,
                                spatial_dropout=spatial_dropout, batch_norm=batch_norm, strided_first_conv=strided_first_conv)
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, schedule=schedule,
                                weight_decay=weight_decay, l1=l1, patience=patience, seed=seed, device=device,
-                               threads=threads)
+                               threads=threads, augment=augment, balance=balance)
     run_dir = artifacts.final_dir(resume) if resume is not None else (out or default_run_dir(data_config))
 
     try:
-        with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress:
+        with distributed.session() as world, EpochProgress(quiet or not world.is_main) as progress, \
+                data.reading(on_progress=DecodeEta(progress.decode)):
             result = train_run(data_config, model_config, train_config, run_dir, force=force, resume=resume is not None,
                                on_start=progress.start, on_epoch=progress.epoch)
     except KeyboardInterrupt:
@@ -108,12 +127,13 @@ class EpochProgress:
         self.quiet = quiet
         self.progress = None
         self.task = None
+        self.decoding = None
 
     def __enter__(self) -> EpochProgress:
         if not self.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
             self.progress.__enter__()
         return self
@@ -127,7 +147,16 @@ class EpochProgress:
             return
         sizes = info["sizes"]
         console.print(f"{info['source']}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} test images")
-        self.task = self.progress.add_task("", total=info["epochs"])
+        self.task = self.progress.add_task("", total=info["epochs"], name="train")
+
+    def decode(self, text: str, done: int, total: int) -> None:
+        """Decoding an image folder into the cache (before training starts), with rate and ETA."""
+        if self.progress is None:
+            return
+        if self.decoding is None:
+            self.decoding = self.progress.add_task(text, total=total, name="data")
+        # Hidden once done: the bar has said what it had to, and a bad-file error after it stays one line.
+        self.progress.update(self.decoding, description=text, completed=done, total=total, visible=done < total)
 
     def epoch(self, result) -> None:
         if self.progress is None:
