@@ -232,17 +232,57 @@ def create_session(model: bytes, runtime: dict, threads: int | None, provider: s
     return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=disabled)
 
 
+# The decoding rule training used (`pipeline.images` imports these from here: one definition that
+# the bundle carries): EXIF orientation, 16-bit scaled not clipped, gray or RGB, the resize mode.
+RESIZE_MODES = ("squash", "pad", "crop")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+EXIF_FORMATS = ("JPEG", "TIFF", "WEBP")
+
+
+def to_8bit(image):
+    """A Pillow image in a mode `convert("L"/"RGB")` handles without clipping: 16-bit gray scaled by 1/257."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":  # float images are taken as 0-255
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), mode="L")
+    return image
+
+
+def fit(image, size, resize: str):
+    """`image` brought to (H, W) `size` by the `resize` mode (squash, crop, pad), bilinear; any Pillow mode."""
+    from PIL import Image, ImageOps
+
+    bilinear = getattr(Image, "Resampling", Image).BILINEAR  # Image.Resampling is Pillow >= 9.1
+    target = (int(size[1]), int(size[0]))
+    if image.size == target:
+        return image
+    if resize == "squash":
+        return image.resize(target, bilinear)
+    if resize == "crop":
+        return ImageOps.fit(image, target, bilinear, centering=(0.5, 0.5))
+    if resize == "pad":
+        return ImageOps.pad(image, target, bilinear, color=0, centering=(0.5, 0.5))
+    raise ValueError(f"unknown resize mode {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+
+
 def load_image(path: str, preprocess: dict) -> np.ndarray:
     """One image file -> normalized float32 (C, H, W), exactly as the manifest says."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     height, width = preprocess["size"]
     channels = preprocess["channels"]
+    resize = preprocess.get("resize", "squash")  # manifests before the resize option squashed
+    if resize not in RESIZE_MODES:
+        raise Refused(f"the manifest asks for resize mode {resize!r}, which this runner does not know "
+                      f"({', '.join(RESIZE_MODES)}): use the runner shipped in the same bundle")
     with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            # Image.Resampling is Pillow >= 9.1; older device images have Image.BILINEAR.
-            image = image.resize((width, height), getattr(Image, "Resampling", Image).BILINEAR)
+        image.load()
+        image = ImageOps.exif_transpose(image) if image.format in EXIF_FORMATS else image
+        image = to_8bit(image).convert("L" if channels == 1 else "RGB")
+        image = fit(image, (height, width), resize)
         pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels[None] if channels == 1 else np.moveaxis(pixels, -1, 0)
     mean = np.asarray(preprocess["mean"], dtype=np.float32).reshape(-1, 1, 1)

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+# The device runner carries the resize and 16-bit rules to devices (it imports nothing from the
+# package once bundled): this module uses its definitions rather than a second copy.
+from pipeline.device_runner import EXIF_FORMATS, RESIZE_MODES, SIXTEEN_BIT_MODES, fit, to_8bit  # noqa: F401
 from pipeline.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-RESIZE_MODES = ("squash", "pad", "crop")
 # Pillow modes that hold one gray channel; 16-bit ones are scaled to 8 bits.
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def is_hidden(name: str) -> bool:
@@ -67,35 +68,6 @@ def probe(path: Path) -> tuple[str, tuple[int, int]]:
         raise UnreadableImageError(path, _first_line(exc)) from None
 
 
-def to_8bit(image):
-    """A Pillow image in a mode `convert("L"/"RGB")` handles without clipping: 16-bit gray scaled by 1/257."""
-    from PIL import Image
-
-    if image.mode in SIXTEEN_BIT_MODES:
-        pixels = np.asarray(image).astype(np.float64)
-        return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "F":  # float images are taken as 0-255
-        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), mode="L")
-    return image
-
-
-def fit(image, size: tuple[int, int], resize: str):
-    """`image` brought to (H, W) `size` by the `resize` mode (see the module docstring); any Pillow mode."""
-    from PIL import ImageOps
-    from PIL.Image import Resampling
-
-    target = (size[1], size[0])
-    if image.size == target:
-        return image
-    if resize == "squash":
-        return image.resize(target, Resampling.BILINEAR)
-    if resize == "crop":
-        return ImageOps.fit(image, target, Resampling.BILINEAR, centering=(0.5, 0.5))
-    if resize == "pad":
-        return ImageOps.pad(image, target, Resampling.BILINEAR, color=0, centering=(0.5, 0.5))
-    raise ValueError(f"unknown resize mode {resize!r}: choose one of {', '.join(RESIZE_MODES)}")
-
-
 def decode(path: Path, size: tuple[int, int] | None, channels: int, resize: str = "squash") -> np.ndarray:
     """One image file -> uint8 (channels, H, W); `size` None keeps the stored size. `DataError` if unreadable."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -103,7 +75,7 @@ def decode(path: Path, size: tuple[int, int] | None, channels: int, resize: str 
     try:
         with Image.open(path) as image:
             image.load()  # a truncated file fails here, not later
-            image = ImageOps.exif_transpose(image) if image.format in ("JPEG", "TIFF", "WEBP") else image
+            image = ImageOps.exif_transpose(image) if image.format in EXIF_FORMATS else image
             image = to_8bit(image).convert("L" if channels == 1 else "RGB")
             if size is not None:
                 image = fit(image, size, resize)

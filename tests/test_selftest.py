@@ -421,3 +421,27 @@ def test_pack_records_golden_answers_and_requirements(archive):
     assert manifest["requires"]["onnxruntime"] == manifest["artifacts"]["fp32"]["compat"]["onnxruntime_min"]
     assert manifest["files"]["device_runner.py"] == hashlib.sha256(runner_bytes).hexdigest()
     assert "manifest.json" not in manifest["files"]  # it cannot hold its own hash: SHA256SUMS does
+
+
+@pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
+def test_runner_reads_images_as_training_did(tmp_path, resize):
+    """The device follows the manifest's resize mode, 16-bit scaling and EXIF rule exactly as the decoded-image
+    cache did in training; another mode gives other pixels (negative control); an unknown mode is refused."""
+    from PIL import Image
+
+    from pipeline import device_runner, images
+
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (6, 10, 3), dtype=np.uint8)).save(wide)
+    deep = tmp_path / "deep.png"
+    Image.fromarray((rng.integers(0, 65535, (6, 10))).astype(np.uint16)).save(deep)  # 16-bit gray
+    for path, channels in ((wide, 3), (deep, 1)):
+        preprocess = {"size": [4, 4], "channels": channels, "mean": [0.0] * channels, "std": [1.0] * channels,
+                      "resize": resize}
+        trained = images.decode(path, (4, 4), channels, resize).astype(np.float32) / 255.0
+        assert np.abs(device_runner.load_image(str(path), preprocess) - trained).max() < 1e-6
+        other = "pad" if resize != "pad" else "crop"
+        assert np.abs(device_runner.load_image(str(path), {**preprocess, "resize": other}) - trained).max() > 0.01
+    with pytest.raises(device_runner.Refused, match="resize mode 'stretch'"):
+        device_runner.load_image(str(wide), {**preprocess, "resize": "stretch"})
