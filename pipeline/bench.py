@@ -281,7 +281,7 @@ def _probe_threads(target: OnnxTarget, provider: str, batch: int, config: BenchC
             slots[threads] = slot
     if not slots:
         return {"provider": provider, "batch": batch, "chosen": 1, "by": "fallback: the probe could not open a session"}
-    time_interleaved(list(slots.values()), probe.timing_plan())
+    time_interleaved(list(slots.values()), probe)
     p50 = {t: summarize(s.latencies_ns, batch)["latency_ms"]["p50"] for t, s in slots.items()}
     chosen = min(p50, key=p50.get)
     return {"provider": provider, "batch": batch, "artifact": target.name,
@@ -391,7 +391,7 @@ def _measure_group(targets, provider, batch, threads, source, config) -> list[di
         else:
             opened.append((target, slot))
     try:
-        time_interleaved([slot for _, slot in opened], config.timing_plan())
+        time_interleaved([slot for _, slot in opened], config)
     finally:
         for _, slot in opened:
             slot.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.timing import TimingPlan
 
 DATASETS = ("digits", "idx", "folder", "npz")
 OPTIMIZERS = ("adam", "sgd")
@@ -268,8 +269,12 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """How `bench` times ONNX Runtime sessions (and the PyTorch baseline). Every loop is bounded in time."""
+class BenchConfig(TimingPlan):
+    """How `bench` times ONNX Runtime sessions (and the PyTorch baseline). Every loop is bounded in time.
+
+    It is a `pipeline.timing.TimingPlan` (warm-up, runs, duration, rounds, time limit per measurement)
+    with what bench adds: providers, engines, batch sizes, threads, IO binding, the baseline.
+    """
 
     providers: tuple[str, ...] = ("cpu",)
     """Execution providers to time, by short name: `cpu`, `cuda`, `tensorrt`. An unavailable one is reported, never timed."""
@@ -282,18 +287,6 @@ class BenchConfig:
     """Intra-op thread counts to time; None chooses per batch size by a short interleaved probe of 1 thread vs all usable cores."""
     optimization_level: str | None = None
     """ORT graph optimization level for every session (`disable`, `basic`, `extended`, `all`); None applies each artifact's own `runtime`."""
-    warmup: int = 10
-    """Untimed runs after the first run, before timing (stopped early after `warmup_seconds`)."""
-    warmup_seconds: float = 1.0
-    """Upper bound on the warm-up time of one measurement."""
-    runs: int | None = None
-    """Timed runs per measurement; None times for `duration` seconds instead."""
-    duration: float = 0.6
-    """Seconds of timed runs per measurement when `runs` is None (at least one run per round)."""
-    rounds: int = 3
-    """The timed runs are split into this many rounds, interleaved across the artifacts of one group, so load drifts hit all alike."""
-    time_limit: float = 20.0
-    """Hard upper bound in seconds on the timed runs of one measurement, even with `runs`."""
     io_binding: bool = False
     """Bind inputs and outputs to the provider's device once (OrtValues) instead of copying per run."""
     require_provider: bool = False
@@ -316,19 +309,10 @@ class BenchConfig:
                  f"threads must be positive integers, got {self.threads}")
         _require(self.optimization_level in (None, *OPTIMIZATION_LEVELS),
                  f"unknown optimization level {self.optimization_level!r}: choose one of {', '.join(OPTIMIZATION_LEVELS)}")
-        _require(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
-        _require(self.warmup_seconds > 0, f"warmup seconds must be > 0, got {self.warmup_seconds}")
-        _require(self.runs is None or self.runs >= 1, f"runs must be >= 1, got {self.runs}")
-        _require(self.duration > 0, f"duration must be > 0 seconds, got {self.duration}")
-        _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
-        _require(self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}")
-
-    def timing_plan(self):
-        """The harness's plan (`pipeline.timing.TimingPlan`) for one measurement group of this bench."""
-        from pipeline.timing import TimingPlan
-
-        return TimingPlan(warmup=self.warmup, warmup_seconds=self.warmup_seconds, runs=self.runs, duration=self.duration,
-                          rounds=self.rounds, time_limit=self.time_limit)
+        try:
+            super().__post_init__()  # the timing plan's own checks (warm-up, runs, duration, rounds, time limit)
+        except ValueError as exc:  # timing.py imports nothing from the package, so its refusal is a plain ValueError
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class TimingPlan:
@@ -112,6 +110,8 @@ def time_interleaved(slots: Sequence[Slot], plan: TimingPlan) -> None:
 
 def summarize(latencies_ns: Sequence[int], batch: int) -> dict:
     """Percentiles and spread in milliseconds, throughput in images per second."""
+    import numpy as np  # here, not at the top: configs import TimingPlan, and `pipeline --help` stays light
+
     ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
     mean = float(ms.mean())
     std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
@@ -125,6 +125,8 @@ def summarize(latencies_ns: Sequence[int], batch: int) -> dict:
 
 def round_medians(slot: Slot) -> list[float]:
     """The p50 latency (ms) of each round, for paired comparisons between slots of one group."""
+    import numpy as np
+
     values = np.asarray(slot.latencies_ns, dtype=np.float64) / 1e6
     rounds = np.asarray(slot.rounds)
     return [float(np.median(values[rounds == r])) for r in sorted(set(slot.rounds))]
@@ -132,4 +134,6 @@ def round_medians(slot: Slot) -> list[float]:
 
 def ratio_of_medians(slot: Slot, baseline: Slot) -> float:
     """p50(slot) / p50(baseline) over all timed runs: below 1 means `slot` is faster."""
+    import numpy as np
+
     return float(np.median(slot.latencies_ns) / np.median(baseline.latencies_ns))
