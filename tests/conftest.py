@@ -14,7 +14,6 @@ MNIST_TEST = REPO.parent / "shared" / "data" / "mnist-test"
 # A small but real config: digits, narrow widths, few epochs. Enough to be well above chance.
 TINY_MODEL = {"conv_channels": (8, 16), "fc_units": (32,), "dropout": 0.5}
 TINY_TRAIN = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 0, "seed": 0}
-# A short speed check is still a real one (its ratios are recorded, never asserted).
 # Small and quick: a short speed check is still a real one (the ratios are recorded, never asserted). The recipe
 # search is pinned to the configured recipe: these runs stand for "the default recipe" (tests/test_recipes.py searches).
 QUICK_QUANTIZE = {"speed_seconds": 0.02, "speed_rounds": 1, "speed_batch": 32, "recipes": ("default",)}

@@ -124,12 +124,12 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def kill_stage(stage: str, run: Path, when: str) -> int:
+def kill_stage(stage: str, run: Path, when: str) -> tuple[int, str]:
     script = KILLER
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", script, stage, str(run), when], env=env, capture_output=True,
                           text=True, timeout=600)
-    return done.returncode
+    return done.returncode, done.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -146,7 +146,8 @@ def test_sigkill_at_any_point_leaves_the_old_folder_or_the_complete_new_one(stag
         run = tmp_path / f"kill-{index}" / "digits"
         shutil.copytree(quantized_master, run)
         before = folder_hashes(run)
-        assert kill_stage(stage, run, when) == -signal.SIGKILL
+        returncode, stderr = kill_stage(stage, run, when)
+        assert returncode == -signal.SIGKILL, stderr
         after = folder_hashes(run)
         if when == "after-swap":
             # The swap happened: the new state, whole. Files that carry timestamps differ run to run, so
