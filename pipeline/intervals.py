@@ -41,10 +41,14 @@ def resamples(seeds: int, images: int, reps: int, seed: int = 0):
 
 
 def bootstrap(statistic: Callable[[np.ndarray, np.ndarray], float], seeds: int, images: int, reps: int,
-              seed: int = 0) -> Interval:
-    """Percentile interval of `statistic(seed_rows, image_columns)`; the value is the statistic on all rows and columns.
+              seed: int = 0, basic: bool = False) -> Interval:
+    """Interval of `statistic(seed_rows, image_columns)`; the value is the statistic on all rows and columns.
 
-    Pass one fixed `seed` for every statistic that is compared, so their replicates draw the same rows and columns.
+    Percentile interval by default (right for means, which resampling does not bias). `basic=True` gives the
+    basic (reverse percentile) interval 2 x value - quantiles, for a statistic that resampling inflates, such as
+    ECE: duplicated images make confidence bins noisier, and a sum of |bin gaps| grows with noise, so its
+    percentile interval sits above the value. Pass one fixed `seed` for every statistic that is compared,
+    so their replicates draw the same rows and columns.
     """
     if seeds < 1 or images < 1:
         raise ValueError(f"a bootstrap needs at least one seed and one image, got {seeds} x {images}")
@@ -52,6 +56,8 @@ def bootstrap(statistic: Callable[[np.ndarray, np.ndarray], float], seeds: int, 
     draws = np.array([statistic(rows, cols) for rows, cols in resamples(seeds, images, reps, seed)], dtype=np.float64)
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
+    if basic:
+        low, high = 2 * value - high, 2 * value - low
     return Interval(value, float(low), float(high))
 
 

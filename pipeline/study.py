@@ -53,6 +53,7 @@ CURVES_PNG = "curves.png"
 SIZES_PNG = "accuracy_vs_size.png"
 RELIABILITY_PNG = "reliability.png"
 MC_LATENCY_PNG = "mc_latency.png"
+TABLES_NPZ = "tables.npz"
 WORK_DIR = ".work"
 ONNX_DIR = "onnx"
 STUDY_SCHEMA = 2
@@ -238,7 +239,7 @@ def run_study(data_config: DataConfig, config: StudyConfig, out: Path, force: bo
     emit({"event": "start", "total": _count_runs(config, list(size_splits)), "source": first.source,
           "sizes": list(size_splits), "val": len(first.y_val), "test": len(first.y_test)})
 
-    blocks, last = [], None
+    blocks, last, per_image = [], None, {}
     try:
         for index, (size, splits) in enumerate(size_splits.items()):
             epochs = config.epochs_for(index)
@@ -247,7 +248,9 @@ def run_study(data_config: DataConfig, config: StudyConfig, out: Path, force: bo
             chosen, tuning = tune(trainer, config)
             settings = variant_settings(chosen, config)
             runs = _final_runs(trainer, settings, config)
-            blocks.append(_evaluate_size(splits, settings, runs, tuning, epochs, config))
+            block, saved = _evaluate_size(splits, settings, runs, tuning, epochs, config)
+            blocks.append(block)
+            per_image.update(saved)
             last = (splits, settings, runs)
         exports, latency, mc_latency = _export_and_time(last, config, out / ONNX_DIR, emit)
     finally:
@@ -258,6 +261,9 @@ def run_study(data_config: DataConfig, config: StudyConfig, out: Path, force: bo
     _plot_reliability(report, out / RELIABILITY_PNG)
     _plot_mc_latency(report, out / MC_LATENCY_PNG)
     _plot_curves(report, out / CURVES_PNG)
+    # The per-image tables every interval was computed from (seeds x test images), so they can be recomputed.
+    with artifacts.atomic_path(out / TABLES_NPZ) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **per_image)
     path = out / STUDY_JSON
     artifacts.atomic_write_json(path, report)
     return StudyResult(path, report)
@@ -340,7 +346,7 @@ def _table(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Run]], tuning: list[dict], epochs: int,
-                   config: StudyConfig) -> dict:
+                   config: StudyConfig) -> tuple[dict, dict]:
     """Test numbers of every final run, intervals and verdicts; the MC block for the `dropout` models."""
     from pipeline import train
     from pipeline.predict import softmax
@@ -370,6 +376,8 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
                     mc_tables.setdefault(f"mc{n}", []).append(
                         _table(_mc_probs(run.model, tensors["test"][0], n, seed=1000 + run.seed), y_test))
         tables[name] = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+    saved = {f"n{len(splits.y_train)}/{name}/{key}": value for name, table in tables.items()
+             for key, value in table.items()}
     block = {"train_size": len(splits.y_train), "epochs": epochs,
              "chosen": {name: s.to_dict() for name, s in settings.items()},
              "labels": {name: s.label() for name, s in settings.items()},
@@ -377,7 +385,9 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
     if mc_tables:
         stacked = {m: {key: np.stack([r[key] for r in rows]) for key in rows[0]} for m, rows in mc_tables.items()}
         block["mc"] = _mc_block(stacked, temperatures, settings["dropout"], config)
-    return block
+        saved.update({f"n{len(splits.y_train)}/dropout.{m}/{key}": value for m, table in stacked.items()
+                      for key, value in table.items()})
+    return block, saved
 
 
 def _interval(table: np.ndarray, config: StudyConfig) -> dict:
@@ -415,8 +425,10 @@ def _variant_rows(tables: dict, per_run: dict, settings: dict[str, Setting], con
 
 def _ece_interval(table: dict, config: StudyConfig) -> intervals.Interval:
     conf, correct, bins = table["confidence"], table["correct"], config.ece_bins
-    return intervals.bootstrap(lambda r, c: calibration.ece_from(conf[r][:, c], correct[r][:, c], bins),
-                               *conf.shape, config.bootstrap, BOOTSTRAP_SEED)
+    interval = intervals.bootstrap(lambda r, c: calibration.ece_from(conf[r][:, c], correct[r][:, c], bins),
+                                   *conf.shape, config.bootstrap, BOOTSTRAP_SEED, basic=True)
+    # ECE cannot be negative: the basic interval's lower end is clipped at 0.
+    return replace(interval, low=max(interval.low, 0.0))
 
 
 def _ece_difference(table: dict, baseline: dict, config: StudyConfig) -> dict:
@@ -426,7 +438,7 @@ def _ece_difference(table: dict, baseline: dict, config: StudyConfig) -> dict:
         return (calibration.ece_from(table["confidence"][r][:, c], table["correct"][r][:, c], bins)
                 - calibration.ece_from(baseline["confidence"][r][:, c], baseline["correct"][r][:, c], bins))
 
-    interval = intervals.bootstrap(diff, *table["correct"].shape, config.bootstrap, BOOTSTRAP_SEED)
+    interval = intervals.bootstrap(diff, *table["correct"].shape, config.bootstrap, BOOTSTRAP_SEED, basic=True)
     return {**interval.to_dict(), "verdict": intervals.verdict(interval, higher_is_better=False)}
 
 
