@@ -54,6 +54,7 @@ SIZES_PNG = "accuracy_vs_size.png"
 RELIABILITY_PNG = "reliability.png"
 MC_LATENCY_PNG = "mc_latency.png"
 TABLES_NPZ = "tables.npz"
+PARTIAL_JSON = "study.partial.json"
 WORK_DIR = ".work"
 ONNX_DIR = "onnx"
 STUDY_SCHEMA = 2
@@ -251,6 +252,9 @@ def run_study(data_config: DataConfig, config: StudyConfig, out: Path, force: bo
             block, saved = _evaluate_size(splits, settings, runs, tuning, epochs, config)
             blocks.append(block)
             per_image.update(saved)
+            # A long study stopped later (time limit, Ctrl-C) still leaves every finished size behind.
+            artifacts.atomic_write_json(out / PARTIAL_JSON, _report(data_config, config, first, blocks, {}, {}, {},
+                                                                    time.perf_counter() - started))
             last = (splits, settings, runs)
         exports, latency, mc_latency = _export_and_time(last, config, out / ONNX_DIR, emit)
     finally:
@@ -266,6 +270,7 @@ def run_study(data_config: DataConfig, config: StudyConfig, out: Path, force: bo
         np.savez_compressed(handle, **per_image)
     path = out / STUDY_JSON
     artifacts.atomic_write_json(path, report)
+    (out / PARTIAL_JSON).unlink(missing_ok=True)
     return StudyResult(path, report)
 
 
@@ -560,7 +565,7 @@ def _report(data_config: DataConfig, config: StudyConfig, first, blocks: list[di
     distinct = {(b["train_size"], repr(r["setting"]), r["seed"]): r for b in blocks
                 for r in [*b["tuning"], *(r for v in b["variants"].values() for r in v["runs"])]}
     all_runs = list(distinct.values())
-    base = latency.get("none", {}).get("latency_ms", {}).get("p50")
+    base = latency["none"]["latency_ms"]["p50"] if "none" in latency else None
     inference = {}
     for name, record in exports.items():
         timing = latency[name]

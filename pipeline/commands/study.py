@@ -12,9 +12,9 @@ from pipeline.commands.options import StridedFirstConv, console, image_size, int
 from pipeline.config import STUDY_VARIANTS, DataConfig, StudyConfig
 
 # --quick: the whole study on 2 CPU cores in under 3 minutes (bundled digits): two grid values per regularizer.
-QUICK = {"seeds": (0, 1), "train_sizes": (100, 300), "epochs": (30,), "patience": 4,
+QUICK = {"seeds": (0, 1), "train_sizes": (100, 300), "epochs": (20,), "patience": 3,
          "dropout_grid": (0.25, 0.5), "spatial_grid": (0.1, 0.2), "l2_grid": (0.5, 8.0), "l1_grid": (1e-4, 1e-3),
-         "mc_samples": (1, 4, 16), "bootstrap": 500, "latency_runs": 100, "latency_seconds": 2.0}
+         "mc_samples": (1, 4, 16), "bootstrap": 500, "latency_runs": 60, "latency_seconds": 1.0}
 
 
 def float_list(text: str, what: str) -> tuple[float, ...]:
@@ -34,11 +34,11 @@ def study(
     image_size_text: Annotated[Optional[str], typer.Option(
         "--image-size", help="Resize images to N or HxW (required for folder).")] = None,
     quick: Annotated[bool, typer.Option(
-        help="A small profile (2 seeds, sizes 100,300, 2 grid values each, 30 epochs): under 3 minutes on 2 cores.")] = False,
+        help="A small profile (2 seeds, sizes 100,300, 2 grid values each, 20 epochs): under 3 minutes on 2 cores.")] = False,
     seeds: Annotated[Optional[str], typer.Option(help="Final-run seeds, comma-separated (default 0,1,2,3,4; --quick 0,1).")] = None,
     epochs: Annotated[Optional[str], typer.Option(
-        help="Epoch budget, one value or one per training size (default 60,40,15; --quick 30).")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 5; --quick 4).")] = None,
+        help="Epoch budget, one value or one per training size (default 60,40,15; --quick 20).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs (default 5; --quick 3).")] = None,
     train_sizes: Annotated[Optional[str], typer.Option(
         help="Training-set sizes, comma-separated (default 200,1000,7200; --quick 100,300).")] = None,
     variants: Annotated[Optional[str], typer.Option(
