@@ -45,14 +45,17 @@ def size_tables(report: dict) -> list[str]:
                   f"{test} test images; 95% bootstrap intervals over seeds and test images; "
                   "\"vs none\" is the paired difference):", ""]
         rows = []
+        none_seconds = block["variants"]["none"]["seconds_per_epoch"]
         for name, row in block["variants"].items():
             versus = row.get("vs_none")
             rows.append([name, row["label"], ci(row["test_accuracy"]), ci(versus, signed=True) if versus else "—",
                          versus["verdict"] if versus else "—", f"{100 * row['accuracy_gap']:.1f}",
                          f"{row['best_epoch']:.1f} / {row['epochs_run']:.1f}",
-                         f"{row['best_at_last_epoch']}/{len(row['runs'])}"])
+                         f"{row['best_at_last_epoch']}/{len(row['runs'])}",
+                         f"{row['seconds_per_epoch']:.2f} ({row['seconds_per_epoch'] / none_seconds:.2f})"])
         lines += _table(["variant", "setting (chosen on validation)", "test acc %", "vs none, pts", "verdict",
-                         "train − test acc, pts", "best epoch / epochs run", "best = last epoch"], rows, right_from=2)
+                         "train − test acc, pts", "best epoch / epochs run", "best = last epoch",
+                         "s/epoch (× none)"], rows, right_from=2)
         lines += ["", "Tuning (first seed, validation loss of the early-stopping checkpoint; the chosen value in bold):", ""]
         by_variant: dict[str, list[str]] = {}
         for record in block["tuning"]:
