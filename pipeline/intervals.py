@@ -41,23 +41,24 @@ def resamples(seeds: int, images: int, reps: int, seed: int = 0):
 
 
 def bootstrap(statistic: Callable[[np.ndarray, np.ndarray], float], seeds: int, images: int, reps: int,
-              seed: int = 0, basic: bool = False) -> Interval:
+              seed: int = 0, centred: bool = False) -> Interval:
     """Interval of `statistic(seed_rows, image_columns)`; the value is the statistic on all rows and columns.
 
-    Percentile interval by default (right for means, which resampling does not bias). `basic=True` gives the
-    basic (reverse percentile) interval 2 x value - quantiles, for a statistic that resampling inflates, such as
-    ECE: duplicated images make confidence bins noisier, and a sum of |bin gaps| grows with noise, so its
-    percentile interval sits above the value. Pass one fixed `seed` for every statistic that is compared,
-    so their replicates draw the same rows and columns.
+    Percentile interval by default (right for means, which resampling does not bias). `centred=True` keeps the
+    bootstrap's spread but centres it on the value (value - (median - q_low) .. value + (q_high - median)), for a
+    statistic that resampling inflates, such as ECE: duplicated images make confidence bins noisier and a sum of
+    |bin gaps| grows with noise, so for a well calibrated model every replicate can lie above the value (its
+    percentile interval, and the basic interval mirrored from it, then exclude the value). Pass one fixed `seed`
+    for every statistic that is compared, so their replicates draw the same rows and columns.
     """
     if seeds < 1 or images < 1:
         raise ValueError(f"a bootstrap needs at least one seed and one image, got {seeds} x {images}")
     value = float(statistic(np.arange(seeds), np.arange(images)))
     draws = np.array([statistic(rows, cols) for rows, cols in resamples(seeds, images, reps, seed)], dtype=np.float64)
     tail = 100 * (1 - LEVEL) / 2
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    if basic:
-        low, high = 2 * value - high, 2 * value - low
+    low, middle, high = np.percentile(draws, [tail, 50, 100 - tail])
+    if centred:
+        low, high = value - (middle - low), value + (high - middle)
     return Interval(value, float(low), float(high))
 
 

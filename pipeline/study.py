@@ -389,7 +389,7 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
              "tuning": tuning, "variants": _variant_rows(tables, per_run, settings, config, len(splits.y_train))}
     if mc_tables:
         stacked = {m: {key: np.stack([r[key] for r in rows]) for key in rows[0]} for m, rows in mc_tables.items()}
-        block["mc"] = _mc_block(stacked, temperatures, settings["dropout"], config)
+        block["mc"] = mc_block(stacked, temperatures, settings["dropout"], config)
         saved.update({f"n{len(splits.y_train)}/dropout.{m}/{key}": value for m, table in stacked.items()
                       for key, value in table.items()})
     return block, saved
@@ -431,8 +431,8 @@ def _variant_rows(tables: dict, per_run: dict, settings: dict[str, Setting], con
 def _ece_interval(table: dict, config: StudyConfig) -> intervals.Interval:
     conf, correct, bins = table["confidence"], table["correct"], config.ece_bins
     interval = intervals.bootstrap(lambda r, c: calibration.ece_from(conf[r][:, c], correct[r][:, c], bins),
-                                   *conf.shape, config.bootstrap, BOOTSTRAP_SEED, basic=True)
-    # ECE cannot be negative: the basic interval's lower end is clipped at 0.
+                                   *conf.shape, config.bootstrap, BOOTSTRAP_SEED, centred=True)
+    # ECE cannot be negative: the centred interval's lower end is clipped at 0.
     return replace(interval, low=max(interval.low, 0.0))
 
 
@@ -443,11 +443,11 @@ def _ece_difference(table: dict, baseline: dict, config: StudyConfig) -> dict:
         return (calibration.ece_from(table["confidence"][r][:, c], table["correct"][r][:, c], bins)
                 - calibration.ece_from(baseline["confidence"][r][:, c], baseline["correct"][r][:, c], bins))
 
-    interval = intervals.bootstrap(diff, *table["correct"].shape, config.bootstrap, BOOTSTRAP_SEED, basic=True)
+    interval = intervals.bootstrap(diff, *table["correct"].shape, config.bootstrap, BOOTSTRAP_SEED, centred=True)
     return {**interval.to_dict(), "verdict": intervals.verdict(interval, higher_is_better=False)}
 
 
-def _mc_block(tables: dict, temperatures: list[float], setting: Setting, config: StudyConfig) -> dict:
+def mc_block(tables: dict, temperatures: list[float], setting: Setting, config: StudyConfig) -> dict:
     """Deterministic vs temperature-scaled vs MC-N: accuracy, NLL, ECE with intervals, each paired against the first two."""
     methods = {}
     for method, table in tables.items():

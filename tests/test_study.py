@@ -288,3 +288,23 @@ def test_random_op_count_sees_dropout_exported_in_train_mode():
     assert count_random_ops(onnxfile.op_histogram(live)) > 0
     inert = export.export_module(model.eval(), (1, 8, 8), 18)
     assert count_random_ops(onnxfile.op_histogram(inert)) == 0
+
+
+@pytest.mark.slow
+def test_recompute_rebuilds_the_mc_block_from_the_saved_tables(tiny_study, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    out, report = tiny_study
+    copy = tmp_path / "study"
+    shutil.copytree(out, copy)
+    block = report["by_size"][-1]["mc"]
+    block["methods"]["mc4"]["accuracy"]["value"] = -1.0  # tampered: the recomputation must not copy it
+    (copy / "study.json").write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, "tools/study_recompute.py", str(copy)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    again = json.loads((copy / "study.json").read_text())
+    methods = again["by_size"][-1]["mc"]["methods"]
+    assert methods["mc4"]["accuracy"]["value"] == pytest.approx(np.load(copy / "tables.npz")["n300/dropout.mc4/correct"].mean())
+    assert all(_inside(row["ece"]) for row in methods.values()) and "recomputed" in again
