@@ -292,17 +292,22 @@ def test_random_op_count_sees_dropout_exported_in_train_mode():
 
 @pytest.mark.slow
 def test_recompute_rebuilds_the_mc_block_from_the_saved_tables(tiny_study, tmp_path):
+    import os
     import shutil
     import subprocess
     import sys
 
+    from tests.conftest import REPO
+
     out, report = tiny_study
+    report = json.loads(json.dumps(report))  # a private copy: the fixture is shared
     copy = tmp_path / "study"
     shutil.copytree(out, copy)
     block = report["by_size"][-1]["mc"]
     block["methods"]["mc4"]["accuracy"]["value"] = -1.0  # tampered: the recomputation must not copy it
     (copy / "study.json").write_text(json.dumps(report))
-    done = subprocess.run([sys.executable, "tools/study_recompute.py", str(copy)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "study_recompute.py"), str(copy)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     again = json.loads((copy / "study.json").read_text())
     methods = again["by_size"][-1]["mc"]["methods"]
