@@ -386,13 +386,33 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
     block = {"train_size": len(splits.y_train), "epochs": epochs,
              "chosen": {name: s.to_dict() for name, s in settings.items()},
              "labels": {name: s.label() for name, s in settings.items()},
-             "tuning": tuning, "variants": _variant_rows(tables, per_run, settings, config, len(splits.y_train))}
+             "tuning": tuning, "variants": _variant_rows(tables, per_run, settings, config, len(splits.y_train)),
+             "comparisons": comparisons({name: t["correct"] for name, t in tables.items()},
+                                        {name: s.label() for name, s in settings.items()}, len(splits.y_train), config)}
     if mc_tables:
         stacked = {m: {key: np.stack([r[key] for r in rows]) for key in rows[0]} for m, rows in mc_tables.items()}
         block["mc"] = mc_block(stacked, temperatures, settings["dropout"], config)
         saved.update({f"n{len(splits.y_train)}/dropout.{m}/{key}": value for m, table in stacked.items()
                       for key, value in table.items()})
     return block, saved
+
+
+# Head-to-head comparisons beyond "vs none": the article's FAQ (dropout vs L1/L2) and whether L2 adds to dropout.
+PAIRS = (("dropout", "l2"), ("dropout", "l1"), ("dropout_article", "l2"), ("dropout_article", "l1"),
+         ("dropout_l2", "dropout"))
+
+
+def comparisons(correct: dict[str, np.ndarray], labels: dict[str, str], size: int, config: StudyConfig) -> list[dict]:
+    """Paired test-accuracy differences of PAIRS present in `correct` ({variant: seeds x images 0/1}), with verdicts."""
+    found = []
+    for a, b in PAIRS:
+        if a in correct and b in correct:
+            versus = _versus(correct[a], correct[b], config)
+            found.append({"variant": a, "baseline": b, **versus,
+                          "sentence": f"{labels[a]} vs {labels[b]} at {size} training images: {100 * versus['value']:+.2f} "
+                                      f"points (95% CI {100 * versus['low']:+.2f} to {100 * versus['high']:+.2f}): "
+                                      f"{versus['verdict']}"})
+    return found
 
 
 def _interval(table: np.ndarray, config: StudyConfig) -> dict:

@@ -225,6 +225,10 @@ def test_study_json_holds_every_variant_with_intervals_and_verdicts(tiny_study):
             if name != "none":
                 assert row["vs_none"]["verdict"] in ("better", "worse", "not resolved")
                 assert row["sentence"].endswith(row["vs_none"]["verdict"])
+        from pipeline.study import PAIRS
+
+        assert [(c["variant"], c["baseline"]) for c in block["comparisons"]] == list(PAIRS)
+        assert all(c["verdict"] in ("better", "worse", "not resolved") and _inside(c) for c in block["comparisons"])
         mc = block["mc"]
         assert list(mc["methods"]) == ["deterministic", "temperature", "mc1", "mc4"]
         for method, row in mc["methods"].items():

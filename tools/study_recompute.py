@@ -1,4 +1,4 @@
-"""Recompute a study's MC-dropout block (accuracy, NLL, ECE intervals and verdicts) from its saved tables.npz.
+"""Recompute a study's MC-dropout block and head-to-head comparisons from its saved tables.npz.
 
     python tools/study_recompute.py studies/mnist-test
 
@@ -23,7 +23,7 @@ def recompute(folder: Path) -> Path:
 
     from pipeline import artifacts
     from pipeline.config import StudyConfig
-    from pipeline.study import STUDY_JSON, TABLES_NPZ, Setting, mc_block
+    from pipeline.study import STUDY_JSON, TABLES_NPZ, Setting, comparisons, mc_block
 
     path = folder / STUDY_JSON
     report = json.loads(path.read_text())
@@ -31,13 +31,15 @@ def recompute(folder: Path) -> Path:
     config = StudyConfig(**fields)
     tables = np.load(folder / TABLES_NPZ)
     for block in report["by_size"]:
+        size = block["train_size"]
+        correct = {name: tables[f"n{size}/{name}/correct"] for name in block["variants"]}
+        block["comparisons"] = comparisons(correct, block["labels"], size, config)
         if "mc" not in block:
             continue
-        size = block["train_size"]
         stacked = {m: {k: tables[f"n{size}/dropout.{m}/{k}"] for k in KEYS} for m in block["mc"]["methods"]}
         block["mc"] = mc_block(stacked, block["mc"]["temperatures"], Setting(**block["mc"]["setting"]), config)
-    report["recomputed"] = {"when": artifacts.now_iso(), "what": "MC block (accuracy, NLL, ECE intervals) from tables.npz",
-                            "why": "ECE intervals centred on the value (resampling inflates ECE)"}
+    report["recomputed"] = {"when": artifacts.now_iso(), "what": "MC block (accuracy, NLL, ECE intervals) and comparisons from tables.npz",
+                            "why": "ECE intervals centred on the value (resampling inflates ECE); dropout vs L1/L2 paired"}
     artifacts.atomic_write_json(path, report)
     return path
 

@@ -140,6 +140,21 @@ def render(report: dict, partial: bool = False) -> str:
     lines += size_tables(report) + mc_tables(report) + latency_tables(report)
     sentences = [row["sentence"] for block in report["by_size"] for row in block["variants"].values() if "sentence" in row]
     lines += ["Every comparison with `none`, as the study states it:", ""] + [f"- {s}" for s in sentences]
+    head_to_head = [c["sentence"] for block in report["by_size"] for c in block.get("comparisons", [])]
+    if head_to_head:
+        lines += ["", "Head to head (paired over the same seeds and test images):", ""] + [f"- {s}" for s in head_to_head]
+    calibration = []
+    for block in report["by_size"]:
+        for method, row in block.get("mc", {}).get("methods", {}).items():
+            for base in ("deterministic", "temperature"):
+                versus = row.get(f"vs_{base}")
+                if versus and method.startswith("mc"):
+                    calibration.append(f"{method} vs {base} at {block['train_size']} training images: NLL "
+                                       f"{versus['nll']['verdict']}, ECE {versus['ece']['verdict']}, accuracy "
+                                       f"{versus['accuracy']['verdict']}")
+    if calibration:
+        lines += ["", "MC dropout against its baselines (\"better\" = lower NLL or ECE, higher accuracy):", ""]
+        lines += [f"- {s}" for s in calibration]
     return "\n".join(lines).rstrip() + "\n"
 
 
