@@ -53,6 +53,9 @@ def size_tables(report: dict) -> list[str]:
                          f"{row['best_epoch']:.1f} / {row['epochs_run']:.1f}",
                          f"{row['best_at_last_epoch']}/{len(row['runs'])}",
                          f"{row['seconds_per_epoch']:.2f} ({row['seconds_per_epoch'] / none_seconds:.2f})"])
+        same = [n for n in block["variants"] if n != "dropout_article" and block["chosen"][n] == block["chosen"].get("dropout_article")]
+        if same:
+            lines += [f"(`dropout_article` has the setting chosen for `{same[0]}`: the same runs, one row each.)", ""]
         lines += _table(["variant", "setting (chosen on validation)", "test acc %", "vs none, pts", "verdict",
                          "train − test acc, pts", "best epoch / epochs run", "best = last epoch",
                          "s/epoch (× none)"], rows, right_from=2)
@@ -124,6 +127,11 @@ def latency_tables(report: dict) -> list[str]:
     return lines
 
 
+def _unique(items: list[str]) -> list[str]:
+    """In order, without repeats (`dropout` and `dropout_article` with one chosen rate are the same runs)."""
+    return list(dict.fromkeys(items))
+
+
 def render(report: dict, partial: bool = False) -> str:
     budget = report["budget"]
     config = report["config"]
@@ -139,10 +147,10 @@ def render(report: dict, partial: bool = False) -> str:
               f"stopped early in {budget['stopped_early']}.", ""]
     lines += size_tables(report) + mc_tables(report) + latency_tables(report)
     sentences = [row["sentence"] for block in report["by_size"] for row in block["variants"].values() if "sentence" in row]
-    lines += ["Every comparison with `none`, as the study states it:", ""] + [f"- {s}" for s in sentences]
+    lines += ["Every comparison with `none`, as the study states it:", ""] + [f"- {s}" for s in _unique(sentences)]
     head_to_head = [c["sentence"] for block in report["by_size"] for c in block.get("comparisons", [])]
     if head_to_head:
-        lines += ["", "Head to head (paired over the same seeds and test images):", ""] + [f"- {s}" for s in head_to_head]
+        lines += ["", "Head to head (paired over the same seeds and test images):", ""] + [f"- {s}" for s in _unique(head_to_head)]
     calibration = []
     for block in report["by_size"]:
         for method, row in block.get("mc", {}).get("methods", {}).items():
