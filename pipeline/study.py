@@ -627,6 +627,8 @@ def _plot_sizes(report: dict, path: Path) -> None:
         xs = [x * (1 + 0.025 * (offset - len(names) / 2)) for x in sizes]
         ax.errorbar(xs, mid, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     seeds = len(report["config"]["seeds"])
     ax.set(xlabel="training images", ylabel="test accuracy (%)",
            title=f"{report['dataset']['sizes']['test']} test images x {seeds} seeds; bars: 95% bootstrap interval")
