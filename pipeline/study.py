@@ -324,15 +324,15 @@ def _load_sizes(data_config: DataConfig, config: StudyConfig) -> dict:
 # --- evaluation: the one place the test split is read ------------------------------------------
 
 
-def _logits(model, x) -> np.ndarray:
+def _logits(model, feed) -> np.ndarray:
     import torch
 
     model.eval()
     with torch.inference_mode():
-        return torch.cat([model(x[i:i + 1024]) for i in range(0, len(x), 1024)]).numpy().astype(np.float64)
+        return torch.cat([model(x) for x, _ in feed.batches(torch.arange(len(feed)))]).numpy().astype(np.float64)
 
 
-def _mc_probs(model, x, samples: int, seed: int) -> np.ndarray:
+def _mc_probs(model, feed, samples: int, seed: int) -> np.ndarray:
     """Mean class probabilities over `samples` dropout masks (the MC model that is exported), seeded."""
     import torch
 
@@ -342,7 +342,7 @@ def _mc_probs(model, x, samples: int, seed: int) -> np.ndarray:
     mc = MCDropoutModel(model, samples)
     step = max(1, 65536 // samples)
     with torch.inference_mode():
-        return torch.cat([mc(x[i:i + step])[0] for i in range(0, len(x), step)]).numpy().astype(np.float64)
+        return torch.cat([mc(x)[0] for x, _ in feed.batches(torch.arange(len(feed)), step)]).numpy().astype(np.float64)
 
 
 def _table(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -356,7 +356,7 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
     from pipeline import train
     from pipeline.predict import softmax
 
-    tensors = train.to_tensors(splits, train.resolve_device("cpu"))
+    data = train.feeds(splits, train.resolve_device("cpu"))
     y_test = splits.y_test
     tables: dict[str, dict[str, np.ndarray]] = {}
     per_run: dict[str, list[dict]] = {}
@@ -365,21 +365,21 @@ def _evaluate_size(splits, settings: dict[str, Setting], runs: dict[str, list[Ru
     for name, variant_runs in runs.items():
         rows = []
         for run in variant_runs:
-            logits = _logits(run.model, tensors["test"][0])
+            logits = _logits(run.model, data["test"])
             rows.append(_table(softmax(logits), y_test))
-            train_loss, train_accuracy = train.evaluate(run.model, *tensors["train"])
+            train_loss, train_accuracy = train.evaluate(run.model, data["train"])
             per_run.setdefault(name, []).append({**run.info(), "train_accuracy": train_accuracy, "train_loss": train_loss,
                                                  "test_accuracy": float(rows[-1]["correct"].mean()),
                                                  "test_nll": float(rows[-1]["nll"].mean())})
             if name == "dropout":
                 # Temperature from the VALIDATION logits; the test split only measures it.
-                t = calibration.fit_temperature(_logits(run.model, tensors["val"][0]), splits.y_val)
+                t = calibration.fit_temperature(_logits(run.model, data["val"]), splits.y_val)
                 temperatures.append(t)
                 mc_tables.setdefault("deterministic", []).append(rows[-1])
                 mc_tables.setdefault("temperature", []).append(_table(softmax(logits / t), y_test))
                 for n in config.mc_samples:
                     mc_tables.setdefault(f"mc{n}", []).append(
-                        _table(_mc_probs(run.model, tensors["test"][0], n, seed=1000 + run.seed), y_test))
+                        _table(_mc_probs(run.model, data["test"], n, seed=1000 + run.seed), y_test))
         tables[name] = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
     saved = {f"n{len(splits.y_train)}/{name}/{key}": value for name, table in tables.items()
              for key, value in table.items()}
@@ -561,19 +561,19 @@ def _export_and_time(last, config: StudyConfig, folder: Path, emit: Callable[[di
 
 def _time_group(models: dict[str, tuple[Path, int]], config: StudyConfig, shape: tuple) -> dict:
     """{name: timing summary} of ONNX models at their batch sizes, timed interleaved with `pipeline.timing`."""
-    from pipeline.runtime import create_session
-    from pipeline.timing import Slot, TimingPlan, summarize, time_interleaved
+    from pipeline.runtime import create_session, session_slot
+    from pipeline.timing import TimingPlan, summarize, time_interleaved
 
     rng = np.random.default_rng(0)
     slots = {}
     for name, (path, batch) in models.items():
         session = create_session(path, runtime=artifacts.DEFAULT_RUNTIME, threads=config.latency_threads)
-        feed = {session.get_inputs()[0].name: rng.standard_normal((batch, *shape)).astype(np.float32)}
-        slots[name] = Slot(run=lambda s=session, f=feed: s.run(None, f),
-                           info={"batch": batch, "provider": session.get_providers()[0], "threads": config.latency_threads})
+        slots[name] = session_slot(session, rng.standard_normal((batch, *shape)).astype(np.float32), batch=batch,
+                                   provider=session.get_providers()[0], threads=config.latency_threads)
     plan = TimingPlan(warmup=config.latency_warmup, runs=config.latency_runs, rounds=10, time_limit=config.latency_seconds)
     time_interleaved(list(slots.values()), plan)
-    return {name: {**slot.info, **summarize(slot.latencies_ns, slot.info["batch"])} for name, slot in slots.items()}
+    return {name: {**{k: v for k, v in slot.info.items() if k != "session_providers"},
+                   **summarize(slot.latencies_ns, slot.info["batch"])} for name, slot in slots.items()}
 
 
 # --- the report ----------------------------------------------------------------------------------

@@ -151,8 +151,8 @@ def _test_score(splits):
     """What the study must never do: score a candidate on the test split."""
     from pipeline import train
 
-    tensors = train.to_tensors(splits, train.resolve_device("cpu"))
-    return lambda run: train.evaluate(run.model, *tensors["test"])[0]
+    data = train.feeds(splits, train.resolve_device("cpu"))
+    return lambda run: train.evaluate(run.model, data["test"])[0]
 
 
 def test_scrambled_test_labels_change_no_choice(digits_splits, tmp_path):

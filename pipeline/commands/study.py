@@ -8,8 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.commands.options import StridedFirstConv, console, image_size, int_list
+from pipeline.commands.options import (
+    IMAGE_SIZE_HELP,
+    CacheDir,
+    OnBadImage,
+    Resize,
+    StridedFirstConv,
+    console,
+    image_size,
+    int_list,
+)
 from pipeline.config import STUDY_VARIANTS, DataConfig, StudyConfig
+from pipeline.errors import ConfigError
 
 # --quick: the whole study on 2 CPU cores in under 3 minutes (bundled digits): two grid values per regularizer.
 QUICK = {"seeds": (0, 1), "train_sizes": (100, 300), "epochs": (20,), "patience": 3,
@@ -22,7 +32,7 @@ def float_list(text: str, what: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def study(
@@ -32,7 +42,10 @@ def study(
     dataset: Annotated[str, typer.Option(help="digits, idx, folder or npz (as for `pipeline train`).")] = "digits",
     data_dir: Annotated[Optional[Path], typer.Option(help="The IDX folder, image folder or .npz file.")] = None,
     image_size_text: Annotated[Optional[str], typer.Option(
-        "--image-size", help="Resize images to N or HxW (required for folder).")] = None,
+        "--image-size", help=IMAGE_SIZE_HELP)] = None,
+    resize: Resize = "squash",
+    on_bad_image: OnBadImage = "fail",
+    cache_dir: CacheDir = None,
     quick: Annotated[bool, typer.Option(
         help="A small profile (2 seeds, sizes 100,300, 2 grid values each, 20 epochs): under 3 minutes on 2 cores.")] = False,
     seeds: Annotated[Optional[str], typer.Option(help="Final-run seeds, comma-separated (default 0,1,2,3,4; --quick 0,1).")] = None,
@@ -83,7 +96,8 @@ def study(
     if patience is not None:
         values["patience"] = patience
     config = StudyConfig(**values, thin_grid_from=thin_grid_from, threads=threads, strided_first_conv=strided_first_conv)
-    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), seed=seed)
+    data_config = DataConfig(dataset=dataset, data_dir=data_dir, image_size=image_size(image_size_text), resize=resize,
+                             on_bad_image=on_bad_image, cache_dir=cache_dir, seed=seed)
     folder = out or _default_out(data_config)
 
     with StudyProgress() as progress:
