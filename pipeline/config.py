@@ -396,55 +396,86 @@ class ExportConfig:
         _require(self.simplify_checks >= 1, f"simplify checks must be >= 1 (onnxsim checks nothing with 0), got {self.simplify_checks}")
 
 
-STUDY_VARIANTS = ("none", "dropout_low", "dropout_high", "spatial_dropout", "l2", "l1", "dropout_l2")
+STUDY_VARIANTS = ("none", "dropout", "dropout_article", "spatial_dropout", "l2", "l1", "dropout_l2")
+# Variants whose strength is chosen on the validation split from a grid; the others have nothing to tune.
+STUDY_TUNED = ("dropout", "spatial_dropout", "l2", "l1", "dropout_l2")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The regularizer study: which variants, seeds, sizes and epochs; the rates each variant uses."""
+    """The regularizer study: each regularizer at its best strength (chosen on validation), over seeds and sizes."""
 
     variants: tuple[str, ...] = STUDY_VARIANTS
-    """Variants to train: `none`, `dropout_low`, `dropout_high`, `spatial_dropout`, `l2`, `l1`, `dropout_l2`."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds (initialisation, shuffling, dropout masks); the data splits stay the same for all."""
-    train_sizes: tuple[int, ...] = (200, 1000)
+    """Variants: `none`; `dropout` (nn.Dropout before each fully connected layer, rate tuned); `dropout_article`
+    (the article's untuned 0.5); `spatial_dropout` (Dropout2d after each conv block, tuned); `l2` (tuned);
+    `l1` (tuned); `dropout_l2` (the rate chosen for `dropout`, L2 tuned on top). `none` is always trained."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Training seeds of the final runs (initialisation, shuffling, dropout masks); the data splits stay the same.
+    The first is also the seed of every tuning run, so the chosen setting's tuning run is its first final run."""
+    train_sizes: tuple[int, ...] = (200, 1000, 7200)
     """Training-set sizes (stratified subsets, `DataConfig.max_train_samples`); a size above what the data has means all of it."""
-    epochs: int = 30
-    """Fixed epoch budget of every run (no early stop; the checkpoint is still the best-validation-loss epoch)."""
+    epochs: tuple[int, ...] = (60, 40, 15)
+    """Epoch budget per training size (one value: the same for all); early stopping usually ends a run sooner."""
+    patience: int = 5
+    """Early stopping: a run ends after this many epochs without a better validation loss; the checkpoint
+    is the epoch of best validation loss."""
+    dropout_grid: tuple[float, ...] = (0.1, 0.25, 0.5, 0.7)
+    """nn.Dropout rates tried for `dropout` (before each fully connected layer)."""
+    spatial_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
+    """nn.Dropout2d rates tried for `spatial_dropout`."""
+    l2_grid: tuple[float, ...] = (0.125, 0.5, 2.0, 8.0)
+    """AdamW decoupled weight decays tried for `l2` and `dropout_l2` (log-spaced, x4; each step shrinks
+    weights by lr x this, so it needs larger values than an L2 term in the loss)."""
+    l1_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
+    """L1 coefficients (x sum of |weights| added to the loss) tried for `l1` (log-spaced, half decades)."""
+    article_dropout: float = 0.5
+    """Rate of the untuned `dropout_article` variant: the article's 0.5 before the fully connected layers."""
+    thin_grid_from: int | None = None
+    """At training sizes >= this, only every other grid value (1st, 3rd, ...) is tried, to save compute; None: the full grid."""
     batch_size: int = 32
     """Images per optimizer step (small: a small training set still gets enough steps to overfit)."""
     lr: float = 2e-3
-    """AdamW learning rate (cosine schedule), the same for every variant."""
-    conv_channels: tuple[int, ...] = (32, 64)
+    """AdamW learning rate, constant (no schedule: a cosine to 0 makes the last epoch the best one, which hides
+    whether the budget was long enough), the same for every variant."""
+    conv_channels: tuple[int, ...] = (16, 32)
     """Conv block widths of the one architecture every variant shares."""
-    fc_units: tuple[int, ...] = (128,)
+    fc_units: tuple[int, ...] = (64,)
     """Hidden fully connected units of that architecture."""
     strided_first_conv: bool | None = None
     """First block: conv 5x5 stride 2, the classic conv 3x3 + max pool, or None: by input size (ModelConfig)."""
-    dropout_low: float = 0.25
-    """Rate of the `dropout_low` variant (nn.Dropout before each fully connected layer)."""
-    dropout_high: float = 0.5
-    """Rate of the `dropout_high` and `dropout_l2` variants."""
-    spatial_dropout: float = 0.2
-    """Rate of nn.Dropout2d after each conv block in the `spatial_dropout` variant."""
-    weight_decay: float = 0.5
-    """L2 coefficient of the `l2` and `dropout_l2` variants (AdamW's decoupled weight decay: each step
-    shrinks weights by lr x this, so it needs a larger value than an L2 term in the loss). One untuned setting."""
-    l1: float = 1e-4
-    """L1 coefficient of the `l1` variant (sum of |weights| added to the loss). One untuned setting."""
     threads: int | None = 1
     """torch CPU threads for training. 1 by default: for these small models on a loaded machine, two
     threads measured 6-25x slower per epoch than one (OpenMP threads waiting on each other); None keeps torch's default."""
+    mc_samples: tuple[int, ...] = (1, 4, 16, 64)
+    """MC dropout sample counts N compared with the deterministic (weight-scaled) model."""
+    ece_bins: int = 15
+    """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    bootstrap: int = 2000
+    """Bootstrap resamples (over seeds and test images, paired) of every interval."""
     latency_runs: int = 300
-    """Timed batch-1 ONNX Runtime runs per variant (interleaved across variants)."""
+    """Timed ONNX Runtime runs per timed model and batch (interleaved across them)."""
     latency_warmup: int = 20
-    """Untimed runs per variant before timing."""
-    latency_seconds: float = 20.0
-    """Upper bound on the whole timed latency loop; it stops early once past it."""
+    """Untimed runs per timed model before timing."""
+    latency_seconds: float = 10.0
+    """Upper bound on the timed runs of one model and batch."""
+    latency_batch: int = 16
+    """The second batch size the MC models are timed at (per-image cost when images come in batches)."""
     latency_threads: int = 1
     """ONNX Runtime intra-op threads for the latency measurement (fixed, so runs compare)."""
     opset: int = 18
     """ONNX opset of the exported models that are timed (18: what the dynamo exporter emits natively)."""
+
+    def epochs_for(self, index: int) -> int:
+        """The epoch budget of the `index`-th training size (sorted ascending)."""
+        return self.epochs[index] if len(self.epochs) > 1 else self.epochs[0]
+
+    def grid(self, variant: str, train_size: int) -> tuple[float, ...]:
+        """The strengths tried for a tuned variant at one training size (thinned above `thin_grid_from`)."""
+        values = {"dropout": self.dropout_grid, "spatial_dropout": self.spatial_grid, "l2": self.l2_grid,
+                  "l1": self.l1_grid, "dropout_l2": self.l2_grid}[variant]
+        if self.thin_grid_from is not None and train_size >= self.thin_grid_from:
+            return values[::2]
+        return values
 
     def __post_init__(self) -> None:
         _require(len(self.variants) >= 1, "at least one study variant is required")
@@ -457,21 +488,35 @@ class StudyConfig:
         _require(len(self.train_sizes) >= 1, "at least one training-set size is required")
         _require(all(n >= 10 for n in self.train_sizes), f"training-set sizes must be >= 10, got {list(self.train_sizes)}")
         _require(len(set(self.train_sizes)) == len(self.train_sizes), f"training-set size listed twice: {list(self.train_sizes)}")
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(len(self.epochs) in (1, len(self.train_sizes)),
+                 f"give one epoch budget or one per training size ({len(self.train_sizes)}), got {list(self.epochs)}")
+        _require(all(e >= 1 for e in self.epochs), f"epochs must be >= 1, got {list(self.epochs)}")
+        _require(self.patience >= 1, f"patience must be >= 1 (the study always stops early), got {self.patience}")
+        for name, low, high in (("dropout_grid", 0.0, 1.0), ("spatial_grid", 0.0, 1.0)):
+            values = getattr(self, name)
+            _require(len(values) >= 1 and all(low < v < high for v in values),
+                     f"{name.replace('_', ' ')} must be one or more rates in (0, 1), got {list(values)}")
+        for name in ("l2_grid", "l1_grid"):
+            values = getattr(self, name)
+            _require(len(values) >= 1 and all(v > 0 for v in values),
+                     f"{name.replace('_', ' ')} must be one or more values > 0, got {list(values)}")
+        _require(0.0 < self.article_dropout < 1.0, f"article dropout must be in (0, 1), got {self.article_dropout}")
+        _require(self.thin_grid_from is None or self.thin_grid_from >= 10,
+                 f"thin grid from must be a training size >= 10, got {self.thin_grid_from}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
         _require(len(self.conv_channels) >= 1 and all(c >= 1 for c in self.conv_channels),
                  f"conv channels must be one or more positive integers, got {self.conv_channels}")
         _require(all(u >= 1 for u in self.fc_units), f"fc units must be positive integers, got {self.fc_units}")
-        for name in ("dropout_low", "dropout_high", "spatial_dropout"):
-            rate = getattr(self, name)
-            _require(0.0 < rate < 1.0, f"{name.replace('_', ' ')} must be in (0, 1), got {rate}")
-        _require(self.weight_decay > 0, f"weight decay must be > 0 (the l2 variants need it), got {self.weight_decay}")
-        _require(self.l1 > 0, f"l1 must be > 0 (the l1 variant needs it), got {self.l1}")
+        _require(len(self.mc_samples) >= 1 and all(1 <= n <= 4096 for n in self.mc_samples),
+                 f"MC samples must be one or more counts in [1, 4096], got {list(self.mc_samples)}")
+        _require(self.ece_bins >= 2, f"ECE bins must be >= 2, got {self.ece_bins}")
+        _require(self.bootstrap >= 100, f"bootstrap resamples must be >= 100, got {self.bootstrap}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         _require(self.latency_runs >= 1, f"latency runs must be >= 1, got {self.latency_runs}")
         _require(self.latency_warmup >= 0, f"latency warmup must be >= 0, got {self.latency_warmup}")
         _require(self.latency_seconds > 0, f"latency seconds must be > 0, got {self.latency_seconds}")
+        _require(self.latency_batch >= 1, f"latency batch must be >= 1, got {self.latency_batch}")
         _require(self.latency_threads >= 1, f"latency threads must be >= 1, got {self.latency_threads}")
         _require(self.opset >= 18, f"study opset must be >= 18 (the dynamo exporter's minimum), got {self.opset}")
 
