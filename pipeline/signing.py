@@ -31,11 +31,13 @@ def _ed25519():
 
 def sign(data: bytes, key_path: Path) -> bytes:
     """The Ed25519 signature of `data` with the PEM private key at `key_path`."""
-    ed25519, serialization = _ed25519()
-    try:
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    try:  # the key first: a wrong path is the user's first thing to fix, with or without `cryptography`
+        pem = Path(key_path).read_bytes()
     except OSError as exc:
         raise SigningError(f"{key_path}: cannot read the signing key: {exc.strerror}") from None
+    ed25519, serialization = _ed25519()
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise SigningError(f"{key_path}: not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):

@@ -263,3 +263,18 @@ def test_extract_accepts_links_that_stay_inside(tmp_path):
     archive = make_tar(tmp_path / "ok.tar.gz", file_member("bundle/model.onnx"), link_member("bundle/latest.onnx", "model.onnx"))
     dest = extract(archive, tmp_path / "dest")
     assert (dest / "bundle" / "latest.onnx").read_bytes() == b"x"
+
+
+def test_signing_without_cryptography_is_one_line(tmp_path, monkeypatch):
+    """The optional extra missing: a readable key gets the install hint; a wrong key path is named first."""
+    import sys
+
+    from pipeline.signing import SigningError, sign
+
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # as in a core install
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(SigningError, match=r"needs the `cryptography` package: pip install 'pipeline\[sign\]'"):
+        sign(b"data", key)
+    with pytest.raises(SigningError, match="missing.pem: cannot read the signing key"):
+        sign(b"data", tmp_path / "missing.pem")
