@@ -278,18 +278,26 @@ def _lock_path(run_dir: Path) -> Path:
     return run_dir.with_name(f".{run_dir.name}.lock")
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """None when a file can be created in `folder`, else the OS's reason.
+
+    A real probe, not os.access: root passes os.access on a read-only filesystem."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pipeline-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def check_writable(run_dir: Path, hint: str = "copy the run folder somewhere writable") -> None:
     """Refuse (exit 4) a run folder this process cannot change, before any work is done; `hint` says what to do."""
     run_dir = Path(run_dir)
     for folder in (run_dir, run_dir.parent):
-        # A real probe, not os.access: root passes os.access on a read-only filesystem.
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".pipeline-write-probe-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise RunFolderError(f"{folder}: not writable ({exc.strerror}), so {run_dir} cannot be changed; "
-                                 f"{hint}") from None
+        reason = unwritable_reason(folder)
+        if reason is not None:
+            raise RunFolderError(f"{folder}: not writable ({reason}), so {run_dir} cannot be changed; {hint}")
 
 
 @contextlib.contextmanager

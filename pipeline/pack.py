@@ -174,6 +174,7 @@ def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
     step = on_step or (lambda _: None)
     run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
+    _check_out_writable(Path(config.out))
     variants = config.variants or (choose_variant(manifest, None, run_dir),)
     for variant in variants:
         choose_variant(manifest, variant, run_dir)  # refuses an unknown one with the list of known ones
@@ -212,7 +213,6 @@ def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
 
     step("archive")
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(out) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -225,6 +225,18 @@ def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
     data = out.read_bytes()
     members = {f"{top}/{name}": len(files[name]) for name in sorted(files)}
     return PackResult(out, tuple(variants), members, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _check_out_writable(out: Path) -> None:
+    """Refuse (exit 4) before any work a bundle path that cannot be written, e.g. beside a read-only run folder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        reason = artifacts.unwritable_reason(out.parent)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    if reason is not None:
+        raise RunFolderError(f"{out.parent}: not writable ({reason}), so the bundle {out} cannot be written there; "
+                             "give --out a writable path")
 
 
 def _compat(model: bytes) -> dict:

@@ -278,3 +278,23 @@ def test_signing_without_cryptography_is_one_line(tmp_path, monkeypatch):
         sign(b"data", key)
     with pytest.raises(SigningError, match="missing.pem: cannot read the signing key"):
         sign(b"data", tmp_path / "missing.pem")
+
+
+def test_pack_beside_a_read_only_run_folder_is_refused_before_any_work(exported, tmp_path):
+    """The default bundle path is beside the run folder: on a read-only filesystem that is one line, exit 4,
+    naming --out (it was exit 70, 'a bug'). Negative control: the same run packs to a writable --out."""
+    import subprocess
+
+    from tests.test_all_or_nothing import _read_only_bind_mount
+
+    view = tmp_path / "ro"
+    if not _read_only_bind_mount(exported.parent, view):
+        pytest.skip("needs a read-only bind mount (root on Linux)")
+    try:
+        result = CliRunner().invoke(app, ["pack", str(view / exported.name)])
+        assert result.exit_code == 4, result.output
+        assert "not writable" in result.output and "--out" in result.output and len(result.output.strip().splitlines()) == 1
+        ok = CliRunner().invoke(app, ["pack", str(view / exported.name), "--out", str(tmp_path / "b.tar.gz")])
+        assert ok.exit_code == 0, ok.output
+    finally:
+        subprocess.run(["umount", str(view)], capture_output=True)
