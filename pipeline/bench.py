@@ -36,6 +36,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from pipeline import artifacts, engines, runtime
 from pipeline.config import BenchConfig, to_dict
+from pipeline.device_runner import usable_cores  # the runner's copy, which it carries to devices; one definition
 from pipeline.errors import DeviceError, ModelIntegrityError, PipelineError, RunFolderError
 from pipeline.onnxfile import ModelFileError, io_signature, load_model
 from pipeline.timing import Slot, round_medians, summarize, time_interleaved
@@ -211,13 +212,6 @@ def _per_engine(target: OnnxTarget, engine_names: Sequence[str]) -> list:
 
 
 # --- timing -----------------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def inputs_for(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:

@@ -38,7 +38,7 @@ def host() -> dict:
 
 def _default_threads() -> int:
     """The intra-op threads ONNX Runtime used when none were set: one per usable core (what bench calls all cores)."""
-    from pipeline.bench import usable_cores
+    from pipeline.device_runner import usable_cores
 
     return usable_cores()
 

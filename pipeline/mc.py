@@ -37,6 +37,7 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.config import DataConfig, MCConfig
 from pipeline.errors import DataError, PipelineError
+from pipeline.predict import softmax
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,6 @@ def random_ops(model) -> dict[str, int]:
     """Count of random-number ops in an ONNX graph, by op type (the main graph, where the exporter puts them)."""
     counts = Counter(node.op_type for node in model.graph.node if node.op_type in RANDOM_OPS)
     return dict(sorted(counts.items()))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
@@ -170,7 +165,7 @@ def load_reference(run_dir: Path, manifest: dict) -> Reference:
     def deterministic(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = [model(torch.from_numpy(x[i:i + 1024])).numpy() for i in range(0, len(x), 1024)]
-        return _softmax(np.concatenate(logits).astype(np.float64))
+        return softmax(np.concatenate(logits).astype(np.float64))
 
     return Reference(raw=splits.x_test, x=splits.preprocess.apply(splits.x_test), y=splits.y_test,
                      x_val=splits.preprocess.apply(splits.x_val), y_val=splits.y_val,
