@@ -234,8 +234,7 @@ def _export(run_dir: Path, config, checkpoint: Path | None, on_step: Callable[[s
     seconds["verify"] = time.perf_counter() - started
 
     step("test accuracy through ONNX Runtime")
-    accuracy = _ort_vs_torch_accuracy(shipped, model, x_test, y_test)
-    accuracy["validation"] = _ort_vs_torch_accuracy(shipped, model, x_val, y_val)["ort"]
+    accuracy = _ort_vs_torch_accuracy(shipped, model, x_test, y_test, x_val, y_val)
 
     checkpoint_sha = artifacts.sha256_file(checkpoint)
     export.strip_node_metadata(shipped)
@@ -328,7 +327,8 @@ def _dropout_free_twin(model):
     return DropoutCNN(twin_config)
 
 
-def _ort_vs_torch_accuracy(proto, model, x_test, y_test) -> dict:
+def _ort_vs_torch_accuracy(proto, model, x_test, y_test, x_val, y_val) -> dict:
+    """Test accuracy through ONNX Runtime and PyTorch, their disagreements, and ONNX Runtime's validation accuracy."""
     import numpy as np
 
     from pipeline.runtime import create_session, run_batched
@@ -339,7 +339,8 @@ def _ort_vs_torch_accuracy(proto, model, x_test, y_test) -> dict:
     torch_pred = predictions(model, x_test)
     return {"ort": float(np.mean(ort_pred == y_test)), "torch": float(np.mean(torch_pred == y_test)),
             "differing_predictions": int(np.sum(ort_pred != torch_pred)), "test_images": int(len(y_test)),
-            "ort_predictions": ort_pred}
+            "ort_predictions": ort_pred,
+            "validation": float(np.mean(run_batched(session, x_val).argmax(1) == y_val))}
 
 
 def _fp32_record(written, sha256: str, size: int, accuracy: dict, raw_check, final_check, simplify_report,
