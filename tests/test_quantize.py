@@ -68,7 +68,10 @@ def test_strided_first_conv_is_quantized_by_default(tmp_path):
     train_run(DataConfig(image_size=(16, 16)), ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), run)
     assert artifacts.read_manifest(run)["model"]["config"]["strided_first_conv"] is True
     export_run(run, ExportConfig())
-    quantize_run(run, QuantizeConfig(speed_check=False))
+    # A structure test: the tiny run's 144 validation images make one flipped image 0.69 points, and on hosts
+    # without VNNI (u8 x s8 products saturate) the default 0.5-point gate can refuse the file or keep a node in
+    # fp32. No node may be excluded here, so the file shows the default decision alone.
+    quantize_run(run, QuantizeConfig(speed_check=False, max_accuracy_drop=5.0, max_excluded_nodes=0))
     covered = conv_inputs_from_dq(onnx.load(str(run / "model.int8.onnx")))
     assert len(covered) >= 2 and all(covered)
     record = artifacts.read_manifest(run)["artifacts"]["int8"]
@@ -90,8 +93,9 @@ def test_keeping_first_conv_fp32_is_visible_to_the_structure_check(exported_run)
 def test_qoperator_replaces_every_conv_with_qlinearconv(exported_run, exported_run_master):
     from pipeline.workflow import quantize_run
 
+    # A structure test (see test_strided_first_conv_is_quantized_by_default for the wider gate).
     quantize_run(exported_run, QuantizeConfig(format="qoperator", activation_type="uint8", keep_first_conv_fp32=False,
-                                                speed_check=False))
+                                                speed_check=False, max_accuracy_drop=5.0, max_excluded_nodes=0))
     fp32_ops, int8_ops = ops(exported_run_master / "model.onnx"), ops(exported_run / "model.int8.onnx")
     assert "Conv" not in int8_ops
     assert int8_ops.count("QLinearConv") == fp32_ops.count("Conv") >= 2
