@@ -263,7 +263,7 @@ class MCConfig:
 
 
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
-QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs")  # quantize.RECIPES
+QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs", "first-conv-fp32")  # quantize.RECIPES
 BENCH_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")  # pipeline.engines.ENGINES, without importing it
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -345,7 +345,7 @@ class PackConfig:
     out: Path
     """The .tar.gz to write (atomically)."""
     variants: tuple[str, ...] = ()
-    """Artifacts to ship; empty ships the manifest's `recommended` (else fp32)."""
+    """Artifacts to ship; empty ships the manifest's `recommended` (else fp32) and every artifact its deployments name."""
     golden: int = 32
     """Test images in the bundle's golden set (PNG + tensors + every variant's answers); 0 ships none."""
     golden_seed: int = 0
@@ -606,7 +606,7 @@ class QuantizeConfig:
     """The large batch of the speed check."""
     speed_seconds: float = 0.2
     """Seconds of timed runs per model, batch and round of the speed check."""
-    speed_rounds: int = 3
+    speed_rounds: int = 5
     """Rounds of the speed check, interleaved between fp32 and int8 so that load drifts hit both."""
     speed_tolerance: float = 0.05
     """int8 counts as slower than fp32 when its latency ratio exceeds 1 + this (timing noise on a shared CPU)."""

@@ -169,13 +169,20 @@ def _member(name: str, size: int, mode: int = 0o644, kind: bytes = tarfile.REGTY
     return info
 
 
+def default_variants(manifest: dict, run_dir: Path) -> tuple[str, ...]:
+    """The recommended artifact, then every other artifact the deployments name (so the bundle can follow them)."""
+    recommended = choose_variant(manifest, None, run_dir)
+    named = [d.get("artifact") for d in manifest.get("deployments") or [] if isinstance(d, dict)]
+    return tuple(dict.fromkeys([recommended, *(n for n in named if n in (manifest.get("artifacts") or {}))]))
+
+
 def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:
     """Write the bundle of `run_dir` with the configured variants; returns what it holds."""
     step = on_step or (lambda _: None)
     run_dir = Path(run_dir)
     manifest = artifacts.read_manifest(run_dir)
     _check_out_writable(Path(config.out))
-    variants = config.variants or (choose_variant(manifest, None, run_dir),)
+    variants = config.variants or default_variants(manifest, run_dir)
     for variant in variants:
         choose_variant(manifest, variant, run_dir)  # refuses an unknown one with the list of known ones
     if not RUNNER.is_file():

@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
 from pipeline import artifacts, metrics, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.timing import TimingPlan, ratio_of_medians, summarize, time_interleaved
+from pipeline.timing import TimingPlan, ratio_of_medians, round_medians, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,9 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
             if name != base:
                 entry[f"{name}_ratio"] = round(ratio_of_medians(slot, slots[base]), 3)
         entry["runs"] = {name: len(slot.latencies_ns) for name, slot in slots.items()}
+        # Per round, every slot's p50: the rounds are paired (timed under the same load), so "faster in every
+        # round" is a test the pooled p50s alone cannot give (`per_batch_files`).
+        entry["rounds_ms"] = {name: [round(v, 4) for v in round_medians(slot)] for name, slot in slots.items()}
         result[f"batch_{batch}"] = entry
     return result
 
@@ -519,6 +522,9 @@ def speed_alias(speed: dict, name: str, alias: str) -> dict:
                 if suffix in ("ms", "ratio") and (base == name or base.startswith(name + "@")):
                     entry[f"{alias}{base[len(name):]}_{suffix}"] = entry[field_name]
             entry["runs"] = {**entry.get("runs", {}), alias: entry.get("runs", {}).get(name)}
+            rounds = entry.get("rounds_ms", {})
+            entry["rounds_ms"] = {**rounds, **{alias + key[len(name):]: v for key, v in rounds.items()
+                                               if key == name or key.startswith(name + "@")}}
         out[key] = entry
     return out
 
@@ -556,7 +562,15 @@ RECIPES = {r.name: r for r in (
            "QOperator format: QLinearConv/QGemm nodes instead of Q/DQ pairs around float ops"),
     Recipe("float-gemm-outputs", {"extra_options": {"OpTypesToExcludeOutputQuantization": ["Gemm"]}},
            "profiles: requantizing the Gemm outputs (the logits) costs more than it saves at batch 1"),
+    Recipe("first-conv-fp32", {"keep_first_conv_fp32": True},
+           "profiles on AVX2 hosts without VNNI: the first Conv has one input channel (a K = 25 GEMM the int8 kernels "
+           "run poorly); in fp32 it made the whole model 9-12% faster at batch 1 (README, issue 16)"),
 )}
+PER_BATCH_MARGIN = 0.03
+PER_BATCH_MIN_ROUNDS = 5
+"""Interleaved rounds a per-batch file must win, every one of them (a sign test: 1 in 32 by chance)."""
+"""Another candidate ships too, for the batch sizes where it beats the shipped int8 by more than this (issue 16:
+the int8 a batch size runs is within 3% of the fastest candidate tried there)."""
 REFERENCE_RECIPE = "ort-defaults"
 
 
@@ -671,6 +685,45 @@ def choose_candidate(candidates: Sequence[Candidate], speed: dict | None, tolera
     engines_used = ", ".join(f"{k.replace('_', ' ')} on {best_engine_ms(speed[k], chosen.recipe)[1]}" for k in batches)
     return chosen, (f"{chosen.recipe}: the lowest geometric-mean latency ratio to fp32 ({score[chosen.recipe]:.3f}; "
                     f"{engines_used}) of {len(passed)} candidate(s) that passed the validation gate{against}")
+
+
+def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped: Candidate,
+                    margin: float = PER_BATCH_MARGIN) -> dict[str, list[str]]:
+    """{recipe: [batch keys]}: passing candidates that ship too, each for the batch sizes it wins.
+
+    At each batch size of `speed` the fastest passing candidate (at its fastest engine) is found; when it is
+    not `shipped`, beats it (at its fastest engine) by more than `margin` and was faster in every interleaved
+    round (`rounds_ms`, at least `PER_BATCH_MIN_ROUNDS`: a sign test), it ships as well, so that the deployment
+    of that batch size can name it. One recipe that wins several batch sizes ships once.
+    """
+    if speed is None:
+        return {}
+    passed = [c for c in candidates if c.passed]
+    out: dict[str, list[str]] = {}
+    for key in (k for k in speed if k.startswith("batch_")):
+        timed = [c for c in passed if f"{c.recipe}_ms" in speed[key]]
+        if shipped not in timed:
+            continue
+        best = min(timed, key=lambda c: best_engine_ms(speed[key], c.recipe)[0])
+        (best_ms, best_engine), (shipped_ms, shipped_engine) = (best_engine_ms(speed[key], c.recipe) for c in (best, shipped))
+        if (best is not shipped and shipped_ms > (1 + margin) * best_ms
+                and _faster_every_round(speed[key], _slot(best.recipe, best_engine), _slot(shipped.recipe, shipped_engine))):
+            out.setdefault(best.recipe, []).append(key)
+    return out
+
+
+def _slot(name: str, engine: str) -> str:
+    """The speed check's slot name of `name` under `engine` ("<name>" on ONNX Runtime, else "<name>@<engine>")."""
+    return name if engine == "onnxruntime" else f"{name}@{engine}"
+
+
+def _faster_every_round(entry: dict, fast: str, slow: str) -> bool:
+    rounds = entry.get("rounds_ms") or {}
+    if fast not in rounds or slow not in rounds or len(rounds[fast]) != len(rounds[slow]):
+        return False
+    if len(rounds[fast]) < PER_BATCH_MIN_ROUNDS:
+        return False  # too few rounds for "faster in every round" to mean anything
+    return all(a < b for a, b in zip(rounds[fast], rounds[slow], strict=True))  # lengths checked above
 
 
 def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool,

@@ -517,17 +517,26 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     chosen, choice_reason = quantize.choose_candidate(candidates, speed, config.speed_tolerance)
     result = chosen.result
     chosen.path.replace(target)  # the shipped int8 is the chosen candidate's bytes, under the artifact's name
+    # A candidate that beats the shipped one by more than 3% at some batch size ships too, as `<variant>-<recipe>`,
+    # and that batch size's deployment names it (one file cannot be the fastest at every batch size on every host).
+    per_batch = quantize.per_batch_files(candidates, speed, chosen)
+    extras = {f"{variant}-{c.recipe}": c for c in passed if c.recipe in per_batch}
+    for name, c in extras.items():
+        c.path.replace(run_dir / f"model.{name}.onnx")
     for c in candidates:
-        if c is not chosen and not (config.keep_candidates and c.passed):
+        if c is not chosen and c.recipe not in per_batch and not (config.keep_candidates and c.passed):
             c.path.unlink(missing_ok=True)
     if speed is not None:
         speed = quantize.speed_alias(speed, chosen.recipe, variant)
+        for name, c in extras.items():
+            speed = quantize.speed_alias(speed, c.recipe, name)
         slower = quantize.slower_batches(speed, variant, config.speed_tolerance)
         if slower:
             warnings.append(f"{variant} is SLOWER than fp32 on this host: "
                             + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
                             + f" (threads {config.threads or 'default'}); fp32 stays recommended")
-    shipped = {"fp32": models["fp32"], variant: (target, result.runtime)}
+    shipped = {"fp32": models["fp32"], variant: (target, result.runtime),
+               **{name: (run_dir / f"model.{name}.onnx", c.result.runtime) for name, c in extras.items()}}
     if fp16_result is not None:
         shipped["fp16"] = models["fp16"]
     models = shipped
@@ -547,6 +556,9 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
     record["latency"] = _latency_for(speed, variant)
     records = {variant: record}
+    for name, c in extras.items():
+        records[name] = _per_batch_record(name, c, shipped[name][0], fp32, tested[name], per_batch[c.recipe], speed,
+                                          calibration_source, len(calibration))
     if fp16_result is not None:
         fp16_record = _derived_record(fp16_result.path, "fp16", "fp32", fp32, fp16_result.accuracy, fp16_result.agreement,
                                       fp16_result.runtime, tested["fp16"])
@@ -561,14 +573,20 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     if speed is not None:
         for entry in records.values():
             entry["latency"]["host"] = deployments.host()
-        new_deployments = deployments.from_speed_check(speed, ("fp32", variant), artifacts.now_iso())
+        new_deployments = deployments.from_speed_check(speed, ("fp32", variant, *extras), artifacts.now_iso())
+    # The per-batch files of an earlier quantization of this variant are replaced, not left beside the new ones.
+    stale = [name for name in _per_batch_names(manifest, variant) if name not in records]
+    for name in stale:
+        (run_dir / manifest["artifacts"][name]["file"]).unlink(missing_ok=True)
 
     outcome: dict = {}
 
     def change(m: dict) -> None:
+        for name in stale:
+            m["artifacts"].pop(name, None)
         m.setdefault("artifacts", {}).update(records)
         # Measurements of the files just replaced are stale: the export's speed check starts the list again.
-        kept = [d for d in m.pop("deployments", None) or [] if d["artifact"] not in records]
+        kept = [d for d in m.pop("deployments", None) or [] if d["artifact"] not in records and d["artifact"] not in stale]
         if kept or new_deployments:
             m["deployments"] = deployments.merged(kept, new_deployments)
         m["recommended"], m["recommended_reason"] = _recommend(m["artifacts"], config.speed_tolerance)
@@ -578,6 +596,31 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     artifacts.update_manifest(run_dir, change)
     return QuantizeRun(run_dir, variant, record, records.get("fp16"), outcome["recommended"], outcome["reason"],
                        outcome["variants"], tuple(warnings))
+
+
+def _per_batch_record(name: str, candidate, path: Path, fp32: dict, test, batch_keys: list[str], speed: dict,
+                      calibration_source: str, calibration_images: int) -> dict:
+    """The record of a candidate shipped for some batch sizes only (`quantize.per_batch_files`)."""
+    from pipeline import quantize
+
+    result = candidate.result
+    record = _derived_record(path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime, test)
+    record["quantization"] = {**quantize.config_record(candidate.config), "calibration_source": calibration_source,
+                              "calibration_images": int(calibration_images), "excluded_nodes": list(result.excluded),
+                              "recipe": candidate.recipe,
+                              "shipped_for": [key.replace("_", " ") for key in batch_keys],
+                              "recipe_choice": f"{candidate.recipe}: more than {100 * quantize.PER_BATCH_MARGIN:.0f}% faster "
+                                               f"than the shipped int8 at {', '.join(k.replace('_', ' ') for k in batch_keys)} "
+                                               "in the export's speed check (the int8 record lists every candidate)"}
+    record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
+    record["latency"] = _latency_for(speed, name)
+    return record
+
+
+def _per_batch_names(manifest: dict, variant: str) -> list[str]:
+    """The artifacts a quantization of `variant` shipped for some batch sizes only (`<variant>-<recipe>`)."""
+    return [name for name, record in (manifest.get("artifacts") or {}).items()
+            if name.startswith(variant + "-") and "shipped_for" in (record.get("quantization") or {})]
 
 
 def _other_engine_pairs(passed, config, x_val, fp32_path: Path, fp32_runtime: dict, fp32_record: dict) -> tuple[dict, dict]:

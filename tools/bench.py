@@ -50,6 +50,8 @@ BIG_BATCH = 256
 TARGETS = {
     "recommended deployment vs best peer, batch 1 (peer p50 / ours)": (">=", 1.0),
     "recommended deployment vs best peer, batch 256 (peer p50 / ours)": (">=", 1.0),
+    "deployed file / fastest int8 candidate, batch 1 (export speed check)": ("<=", 1.03),
+    "deployed file / fastest int8 candidate, batch 256 (export speed check)": ("<=", 1.03),
     "default int8/fp32 throughput, batch 256": (">=", 1.5),
     "default int8 p50 / fp32 p50, batch 1": ("<=", 1.0),
     "default accuracy drop (points)": ("<=", 0.5),
@@ -403,7 +405,9 @@ def environment() -> dict:
 def acceptance(result: dict) -> list[dict]:
     d, w = result["runs"].get("default"), result["runs"].get("wide")
     ratios = (result.get("peers") or {}).get("ratios", {})
+    shipped = (result.get("peers") or {}).get("deployed_vs_candidates", {})
     values = {
+        **{f"deployed file / fastest int8 candidate, {key} (export speed check)": row["ratio"] for key, row in shipped.items()},
         "recommended deployment vs best peer, batch 1 (peer p50 / ours)": ratios.get("best peer p50 / recommended p50, batch 1"),
         "recommended deployment vs best peer, batch 256 (peer p50 / ours)":
             ratios.get("best peer p50 / recommended p50, batch 256"),

@@ -83,13 +83,18 @@ def _outputs(target, x: np.ndarray) -> np.ndarray:
 
 
 def _pipeline_targets(run, manifest: dict, shape: tuple[int, ...]) -> dict:
+    """Every deployable artifact of the run (fp32, int8 and the per-batch int8 files) under ONNX Runtime, and
+    under OpenVINO where it is installed: the deployments may name any of them."""
     out = {}
-    for variant in ("int8", "fp32"):
-        out[f"pipeline {variant} (ORT)"] = OnnxTarget(name=variant, path=run.path(variant), kind=variant,
-                                                      runtime=run.runtime(variant), input_shape=shape)
-    if engines.available("openvino")[0]:
-        out["pipeline int8 (OpenVINO)"] = engines.OpenVinoTarget(name="int8", path=run.path("int8"), kind="int8",
-                                                                 input_shape=shape)
+    with_openvino = engines.available("openvino")[0]
+    for name, record in manifest["artifacts"].items():
+        if record["kind"] not in deployments.DEPLOYABLE_KINDS or record["kind"] == "fp16":
+            continue
+        out[f"pipeline {name} (ORT)"] = OnnxTarget(name=name, path=run.path(name), kind=record["kind"],
+                                                   runtime=run.runtime(name), input_shape=shape)
+        if with_openvino:
+            out[f"pipeline {name} (OpenVINO)"] = engines.OpenVinoTarget(name=name, path=run.path(name), kind=record["kind"],
+                                                                        input_shape=shape)
     return out
 
 
@@ -104,6 +109,24 @@ def _recommended(manifest: dict, batch: int, contenders: dict) -> tuple[str, dic
         raise SystemExit(f"the manifest recommends {choice.artifact} on {choice.engine} at batch {batch}, "
                          f"which this script cannot time here ({', '.join(contenders)})")
     return name, where
+
+
+def deployed_vs_candidates(manifest: dict) -> dict:
+    """Per batch size the export's speed check measured: the deployed artifact's p50 over the fastest int8
+    candidate's (each at its fastest engine), both from that one interleaved speed check (the int8 record's
+    `candidates` and the manifest's `deployments`). <= 1.03 is issue 16's "within 3% of the fastest candidate"."""
+    candidates = ((manifest["artifacts"].get("int8") or {}).get("quantization") or {}).get("candidates") or []
+    out = {}
+    for d in deployments.read(manifest):
+        key = f"batch_{d.batch}"
+        timed = [(c["latency"][key]["ms"], c["recipe"], c["latency"][key]["engine"]) for c in candidates
+                 if key in (c.get("latency") or {})]
+        if not timed or d.measured != "export speed check":
+            continue
+        ms, recipe, engine = min(timed)
+        out[f"batch {d.batch}"] = {"deployed": f"{d.artifact} on {d.engine}", "deployed_ms": d.p50_ms,
+                                   "fastest_candidate": f"{recipe} on {engine}", "fastest_ms": ms, "ratio": d.p50_ms / ms}
+    return out
 
 
 def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) -> dict:
@@ -140,7 +163,8 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                           "passes_gate": drop <= MAX_DROP_POINTS + 1e-9}
         result: dict = {"agreement_checks": checks, "calibration": data["calibration_source"], "test_images": int(len(y_test)),
                         "fp32_test_accuracy": fp32_accuracy, "max_drop_points": MAX_DROP_POINTS,
-                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {}}
+                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {},
+                        "deployed_vs_candidates": deployed_vs_candidates(manifest)}
         plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
                           rounds=rounds, time_limit=max(seconds, 2.0))
         config = BenchConfig()
@@ -195,4 +219,7 @@ def markdown(peers: dict, command: str) -> list[str]:
         verdict = "n/a (no eligible peer)" if ratio is None else f"**{ratio:.2f}** (best peer: {best}{spread})"
         note = f"; {rec['note']}" if rec.get("note") else ""
         lines.append(f"- {key}: recommended deployment {rec['contender']}; best peer p50 / recommended p50 = {verdict}{note}")
+    for key, row in (peers.get("deployed_vs_candidates") or {}).items():
+        lines.append(f"- {key}, the export's speed check: deployed {row['deployed']} {row['deployed_ms']:.4g} ms, fastest int8 "
+                     f"candidate {row['fastest_candidate']} {row['fastest_ms']:.4g} ms: ratio **{row['ratio']:.3f}**")
     return lines

@@ -17,7 +17,8 @@ def pack(
     run: Annotated[Path, typer.Argument(help="The run folder (with an exported model).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option(help="Bundle to write. Default: <run>.tar.gz beside the run folder.")] = None,
     variant: Annotated[Optional[list[str]], typer.Option(help="Variant to ship (repeat for several). "
-                                                              "Default: the manifest's recommended, else fp32.")] = None,
+                                                              "Default: the manifest's recommended (else fp32) and every variant its per-batch "
+                                                              "deployments name.")] = None,
     golden: Annotated[int, typer.Option(help="Test images in the golden set (PNG, tensor, every variant's answers) "
                                              "that `device_runner.py --selftest` checks; 0: none.")] = 32,
     ort_format: Annotated[bool, typer.Option("--ort-format", help="Also ship .ort files (ONNX Runtime's mobile format), "
