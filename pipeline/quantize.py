@@ -568,7 +568,8 @@ RECIPES = {r.name: r for r in (
 )}
 PER_BATCH_MARGIN = 0.03
 PER_BATCH_MIN_ROUNDS = 5
-"""Interleaved rounds a per-batch file must win, every one of them (a sign test: 1 in 32 by chance)."""
+"""Fewest interleaved rounds for the sign test of a per-batch file (at 5 it must win all: 1 in 32 by chance)."""
+SIGN_TEST_ALPHA = 0.05
 """Another candidate ships too, for the batch sizes where it beats the shipped int8 by more than this (issue 16:
 the int8 a batch size runs is within 3% of the fastest candidate tried there)."""
 REFERENCE_RECIPE = "ort-defaults"
@@ -692,8 +693,8 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
     """{recipe: [batch keys]}: passing candidates that ship too, each for the batch sizes it wins.
 
     At each batch size of `speed` the fastest passing candidate (at its fastest engine) is found; when it is
-    not `shipped`, beats it (at its fastest engine) by more than `margin` and was faster in every interleaved
-    round (`rounds_ms`, at least `PER_BATCH_MIN_ROUNDS`: a sign test), it ships as well, so that the deployment
+    not `shipped`, beats it (at its fastest engine) by more than `margin` and was faster in enough of the
+    paired interleaved rounds (`rounds_ms`: a one-sided sign test at `SIGN_TEST_ALPHA`, e.g. 15 of 20), it ships as well, so that the deployment
     of that batch size can name it. One recipe that wins several batch sizes ships once.
     """
     if speed is None:
@@ -707,7 +708,7 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
         best = min(timed, key=lambda c: best_engine_ms(speed[key], c.recipe)[0])
         (best_ms, best_engine), (shipped_ms, shipped_engine) = (best_engine_ms(speed[key], c.recipe) for c in (best, shipped))
         if (best is not shipped and shipped_ms > (1 + margin) * best_ms
-                and _faster_every_round(speed[key], _slot(best.recipe, best_engine), _slot(shipped.recipe, shipped_engine))):
+                and _faster_in_enough_rounds(speed[key], _slot(best.recipe, best_engine), _slot(shipped.recipe, shipped_engine))):
             out.setdefault(best.recipe, []).append(key)
     return out
 
@@ -717,13 +718,25 @@ def _slot(name: str, engine: str) -> str:
     return name if engine == "onnxruntime" else f"{name}@{engine}"
 
 
-def _faster_every_round(entry: dict, fast: str, slow: str) -> bool:
+def sign_test_wins(rounds: int, alpha: float = SIGN_TEST_ALPHA) -> int:
+    """The fewest wins out of `rounds` paired rounds that chance alone (p = 1/2 per round) reaches with
+    probability <= `alpha`: 5 of 5, 9 of 10, 15 of 20."""
+    from math import comb
+
+    for wins in range(rounds + 1):
+        if sum(comb(rounds, k) for k in range(wins, rounds + 1)) / 2 ** rounds <= alpha:
+            return wins
+    return rounds + 1  # no number of wins is significant with so few rounds
+
+
+def _faster_in_enough_rounds(entry: dict, fast: str, slow: str) -> bool:
     rounds = entry.get("rounds_ms") or {}
     if fast not in rounds or slow not in rounds or len(rounds[fast]) != len(rounds[slow]):
         return False
     if len(rounds[fast]) < PER_BATCH_MIN_ROUNDS:
-        return False  # too few rounds for "faster in every round" to mean anything
-    return all(a < b for a, b in zip(rounds[fast], rounds[slow], strict=True))  # lengths checked above
+        return False
+    wins = sum(a < b for a, b in zip(rounds[fast], rounds[slow], strict=True))  # lengths checked above
+    return wins >= sign_test_wins(len(rounds[fast]))
 
 
 def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool,

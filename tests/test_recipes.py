@@ -178,7 +178,7 @@ def test_a_candidate_faster_at_one_batch_in_every_round_ships_for_that_batch():
     assert quantize.per_batch_files(cands, table, shipped) == {"per-channel": ["batch_1"]}
 
 
-def test_a_per_batch_file_needs_a_real_margin_in_every_one_of_enough_rounds():
+def test_a_per_batch_file_needs_a_real_margin_in_enough_rounds():
     cands = [candidate("default"), candidate("per-channel")]
     shipped = cands[0]
     # Negative controls, each removing one condition: within the 3% margin; slower in one round; too few rounds;
@@ -191,6 +191,16 @@ def test_a_per_batch_file_needs_a_real_margin_in_every_one_of_enough_rounds():
                                     shipped) == {}
     failed = [cands[0], candidate("per-channel", passed=False)]
     assert quantize.per_batch_files(failed, rounds(speed(**{"default": (0.8, 4.0), "per-channel": (0.6, 6.0)})), shipped) == {}
+
+
+def test_the_sign_test_asks_for_more_wins_than_chance_gives():
+    assert [quantize.sign_test_wins(n) for n in (4, 5, 10, 20)] == [5, 5, 9, 15]
+    cands = [candidate("default"), candidate("per-channel")]
+    for wins, ships in ((15, True), (14, False)):
+        table = rounds(speed(**{"default": (0.8, 4.0), "per-channel": (0.6, 6.0)}), count=20)
+        for i in range(20 - wins):
+            table["batch_1"]["rounds_ms"]["per-channel"][i] = 0.9  # lost these rounds to default's 0.8
+        assert bool(quantize.per_batch_files(cands, table, cands[0])) is ships
 
 
 def test_a_per_batch_file_is_judged_at_its_fastest_engine():
