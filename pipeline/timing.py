@@ -36,6 +36,11 @@ class TimingPlan:
     """The timed runs are split into this many rounds, interleaved across the slots, so load drifts hit all alike."""
     time_limit: float = 20.0
     """Hard upper bound in seconds on the timed runs of one slot, even with `runs`."""
+    settle_seconds: float = 0.0
+    """Untimed runs of a slot at the start of each of its rounds, for up to this long (at least one run when > 0).
+    The previous slot's worker threads (ONNX Runtime's spinning pool, OpenVINO's TBB arena) keep a core busy for a
+    while after its last run; on a 2-core host they halved the next slot's first runs, so short rounds measured
+    the neighbour, not the model."""
 
     def __post_init__(self) -> None:
         problems = [message for ok, message in (
@@ -45,6 +50,7 @@ class TimingPlan:
             (self.duration > 0, f"duration must be > 0 seconds, got {self.duration}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
             (self.time_limit > 0, f"time limit must be > 0 seconds, got {self.time_limit}"),
+            (self.settle_seconds >= 0, f"settle seconds must be >= 0, got {self.settle_seconds}"),
         ) if not ok]
         if problems:
             raise ValueError("; ".join(problems))
@@ -71,6 +77,16 @@ def _warm(slot: Slot, plan: TimingPlan) -> None:
         slot.warmup_runs += 1
 
 
+def _settle(slot: Slot, seconds: float) -> None:
+    """Untimed runs for up to `seconds` (at least one when `seconds` > 0): the slot's own threads take the cores back."""
+    if seconds <= 0:
+        return
+    deadline = time.perf_counter() + seconds
+    slot.run()
+    while time.perf_counter() < deadline:
+        slot.run()
+
+
 def time_interleaved(slots: Sequence[Slot], plan: TimingPlan) -> None:
     """Warm up every slot, then time them in `plan.rounds` interleaved rounds (order reversed on odd rounds)."""
     for slot in slots:
@@ -87,6 +103,7 @@ def time_interleaved(slots: Sequence[Slot], plan: TimingPlan) -> None:
         for slot in (slots if round_index % 2 == 0 else list(reversed(slots))):
             if slot.timed_seconds >= plan.time_limit:
                 continue
+            _settle(slot, plan.settle_seconds)
             round_started, done = clock(), 0
             while True:
                 started = clock()

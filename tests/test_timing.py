@@ -61,3 +61,16 @@ def test_harness_imports_nothing_from_the_package():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in imported if name.split(".")[0] == "pipeline"}
     assert {name.split(".")[0] for name in imported} <= {"__future__", "time", "collections", "dataclasses", "numpy"}
+
+
+def test_settling_runs_precede_every_round_of_every_slot_untimed():
+    order: list[str] = []
+    slots = recording_slots("ab", order)
+    time_interleaved(slots, TimingPlan(warmup=0, runs=2, rounds=2, settle_seconds=1e-9))
+    # One settling run (untimed) before each slot's round, then its timed run.
+    assert order == ["a", "a", "b", "b", "b", "b", "a", "a"]
+    assert [len(s.latencies_ns) for s in slots] == [2, 2]
+    # Negative control: without settling, only the timed runs happen.
+    order.clear()
+    time_interleaved(recording_slots("ab", order), TimingPlan(warmup=0, runs=2, rounds=2))
+    assert order == ["a", "b", "b", "a"]
