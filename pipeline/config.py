@@ -615,7 +615,8 @@ class QuantizeConfig:
     speed_tolerance: float = 0.05
     """int8 counts as slower than fp32 when its latency ratio exceeds 1 + this (timing noise on a shared CPU)."""
     threads: int | None = None
-    """ONNX Runtime intra-op threads for the speed check; None: onnxruntime's default (all cores)."""
+    """Intra-op threads for the speed check (every engine); None: 1 at batch 1, every usable core at the large
+    batch (`quantize.speed_threads`). The deployments record the threads each batch size was measured with."""
     variant: str | None = None
     """Artifact name; None: `int8` for static, `int8_dynamic` for dynamic. The file is `model.<variant>.onnx`."""
     recipes: tuple[str, ...] | None = None

@@ -146,7 +146,8 @@ def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> lis
         (name, engine) = min(timed, key=timed.get)
         fp32 = entry.get("fp32_ms")
         out.append(Deployment(batch=int(key.removeprefix("batch_")), artifact=name, engine=engine, provider="cpu",
-                              threads=speed.get("threads") or _default_threads(), p50_ms=timed[(name, engine)],
+                              threads=entry.get("threads") or speed.get("threads") or _default_threads(),
+                              p50_ms=timed[(name, engine)],
                               ratio_to_fp32=round(timed[(name, engine)] / fp32, 4) if fp32 else None, host=host(),
                               measured="export speed check", created=created))
     return sorted(out, key=lambda d: d.batch)

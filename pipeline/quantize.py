@@ -480,16 +480,16 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
     `time_interleaved` call over all of them (rounds interleaved, order reversed on odd rounds).
     Returns {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ...}, "batch_<N>": {...}, ...}.
     """
-    sessions = {name: runtime.create_session(Path(path), settings, threads=config.threads)
-                for name, (path, settings) in models.items()}
     base = next(iter(models))
     plan = speed_plan(config)
     result: dict = {"threads": config.threads, "rounds": config.speed_rounds, "seconds_per_round": config.speed_seconds}
     for batch in (1, config.speed_batch):
+        threads = speed_threads(config, batch)
         # The first images, repeated to fill the batch (x may be lazy: read only what is used).
         inputs = np.ascontiguousarray(x[np.arange(batch) % len(x)], dtype=np.float32)
-        slots = {name: runtime.session_slot(session, inputs) for name, session in sessions.items()}
-        slots.update({key: target.open("cpu", batch, config.threads, None, inputs)
+        slots = {name: runtime.session_slot(runtime.create_session(Path(path), settings, threads=threads), inputs)
+                 for name, (path, settings) in models.items()}
+        slots.update({key: target.open("cpu", batch, threads, None, inputs)
                       for key, target in (other_engines or {}).items()})
         time_interleaved(list(slots.values()), plan)
         entry = {f"{name}_ms": round(summarize(slot.latencies_ns, batch)["latency_ms"]["p50"], 4)
@@ -498,11 +498,23 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
             if name != base:
                 entry[f"{name}_ratio"] = round(ratio_of_medians(slot, slots[base]), 3)
         entry["runs"] = {name: len(slot.latencies_ns) for name, slot in slots.items()}
+        entry["threads"] = threads
         # Per round, every slot's p50: the rounds are paired (timed under the same load), so "faster in every
         # round" is a test the pooled p50s alone cannot give (`per_batch_files`).
         entry["rounds_ms"] = {name: [round(v, 4) for v in round_medians(slot)] for name, slot in slots.items()}
         result[f"batch_{batch}"] = entry
     return result
+
+
+def speed_threads(config: QuantizeConfig, batch: int) -> int:
+    """Intra-op threads of the speed check at `batch`: `config.threads`, else 1 at batch 1 and every usable core
+    above. One image of a small CNN gains nothing from a second thread (the hand-off costs what it saves, and
+    the pool's spinning takes a core from whatever runs next); a large batch splits across cores."""
+    from pipeline.device_runner import usable_cores
+
+    if config.threads is not None:
+        return config.threads
+    return 1 if batch == 1 else usable_cores()
 
 
 SETTLE_SECONDS = 0.02

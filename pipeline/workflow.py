@@ -534,7 +534,7 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
         if slower:
             warnings.append(f"{variant} is SLOWER than fp32 on this host: "
                             + ", ".join(f"{ratio:.2f}x the fp32 latency at {key.replace('_', ' ')}" for key, ratio in slower)
-                            + f" (threads {config.threads or 'default'}); fp32 stays recommended")
+                            + f" (threads {config.threads or '1 at batch 1, all cores above'}); fp32 stays recommended")
     shipped = {"fp32": models["fp32"], variant: (target, result.runtime),
                **{name: (run_dir / f"model.{name}.onnx", c.result.runtime) for name, c in extras.items()}}
     if fp16_result is not None:
@@ -671,7 +671,8 @@ def _latency_for(speed: dict | None, name: str) -> dict:
     result: dict = {"checked": True, "threads": speed["threads"]}
     for key, entry in speed.items():
         if key.startswith("batch_") and f"{name}_ms" in entry:
-            result[key] = {"fp32_ms": entry["fp32_ms"], "ms": entry[f"{name}_ms"], "ratio": entry[f"{name}_ratio"]}
+            result[key] = {"fp32_ms": entry["fp32_ms"], "ms": entry[f"{name}_ms"], "ratio": entry[f"{name}_ratio"],
+                           **({"threads": entry["threads"]} if "threads" in entry else {})}
     return result
 
 
