@@ -295,8 +295,9 @@ class BenchConfig(TimingPlan):
     """Also time the PyTorch model (eval + inference_mode) on the same inputs and threads, when a checkpoint is at hand."""
     seed: int = 0
     """Seed of the synthetic inputs (the same inputs for every artifact and the baseline)."""
-    settle_seconds: float = 0.02
-    """Untimed runs at the start of each slot's round (`TimingPlan.settle_seconds`): bench interleaves engines."""
+    settle_seconds: float = 0.05
+    """Untimed runs at the start of each slot's round (`TimingPlan.settle_seconds`): bench interleaves sessions and
+    engines, and the previous one's threads and cache footprint slowed the next one's first runs."""
 
     def __post_init__(self) -> None:
         _require(len(self.providers) >= 1, "at least one provider is required")
@@ -607,7 +608,7 @@ class QuantizeConfig:
     speed_batch: int = 256
     """The large batch of the speed check."""
     speed_seconds: float = 0.05
-    """Seconds of timed runs per model, batch and round of the speed check (after 0.02 s of untimed settling runs)."""
+    """Seconds of timed runs per model, batch and round of the speed check (after 0.05 s of untimed settling runs)."""
     speed_rounds: int = 15
     """Rounds of the speed check, interleaved between fp32 and the candidates so that load drifts hit all alike.
     Many short rounds rank more steadily than few long ones on a shared host: 20 x 0.05 s gave a candidate's

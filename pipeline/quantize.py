@@ -517,9 +517,10 @@ def speed_threads(config: QuantizeConfig, batch: int) -> int:
     return 1 if batch == 1 else usable_cores()
 
 
-SETTLE_SECONDS = 0.02
-"""Untimed runs at the start of each round of each model: with rounds of 0.05 s and no settling, ONNX Runtime's
-fp32 at batch 256 measured 30-34 ms right after OpenVINO slots against 17 ms in 0.4 s rounds (README, issue 16)."""
+SETTLE_SECONDS = 0.05
+"""Untimed runs at the start of each round of each model. With rounds of 0.05 s and no settling, ONNX Runtime's
+fp32 at batch 256 measured 30-34 ms against 17 ms in 0.4 s rounds; 0.02 s of settling (one or two runs at batch
+256) still left int8 at 16-18 ms against 12.3; 0.05 s brought it to 12.9-13.7 (README, issue 16)."""
 
 
 def speed_plan(config: QuantizeConfig) -> TimingPlan:
