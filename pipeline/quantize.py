@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
 from pipeline import artifacts, metrics, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.timing import TimingPlan, ratio_of_medians, round_medians, summarize, time_interleaved
+from pipeline.timing import TimingPlan, ratio_of_medians, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -499,9 +499,6 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
                 entry[f"{name}_ratio"] = round(ratio_of_medians(slot, slots[base]), 3)
         entry["runs"] = {name: len(slot.latencies_ns) for name, slot in slots.items()}
         entry["threads"] = threads
-        # Per round, every slot's p50: the rounds are paired (timed under the same load), so "faster in every
-        # round" is a test the pooled p50s alone cannot give (`per_batch_files`).
-        entry["rounds_ms"] = {name: [round(v, 4) for v in round_medians(slot)] for name, slot in slots.items()}
         result[f"batch_{batch}"] = entry
     return result
 
@@ -541,9 +538,6 @@ def speed_alias(speed: dict, name: str, alias: str) -> dict:
                 if suffix in ("ms", "ratio") and (base == name or base.startswith(name + "@")):
                     entry[f"{alias}{base[len(name):]}_{suffix}"] = entry[field_name]
             entry["runs"] = {**entry.get("runs", {}), alias: entry.get("runs", {}).get(name)}
-            rounds = entry.get("rounds_ms", {})
-            entry["rounds_ms"] = {**rounds, **{alias + key[len(name):]: v for key, v in rounds.items()
-                                               if key == name or key.startswith(name + "@")}}
         out[key] = entry
     return out
 
@@ -586,9 +580,6 @@ RECIPES = {r.name: r for r in (
            "run poorly); in fp32 it made the whole model 9-12% faster at batch 1 (README, issue 16)"),
 )}
 PER_BATCH_MARGIN = 0.03
-PER_BATCH_MIN_ROUNDS = 5
-"""Fewest interleaved rounds for the sign test of a per-batch file (at 5 it must win all: 1 in 32 by chance)."""
-SIGN_TEST_ALPHA = 0.05
 """Another candidate ships too, for the batch sizes where it beats the shipped int8 by more than this (issue 16:
 the int8 a batch size runs is within 3% of the fastest candidate tried there)."""
 REFERENCE_RECIPE = "ort-defaults"
@@ -712,9 +703,10 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
     """{recipe: [batch keys]}: passing candidates that ship too, each for the batch sizes it wins.
 
     At each batch size of `speed` the fastest passing candidate (at its fastest engine) is found; when it is
-    not `shipped`, beats it (at its fastest engine) by more than `margin` and was faster in enough of the
-    paired interleaved rounds (`rounds_ms`: a one-sided sign test at `SIGN_TEST_ALPHA`, e.g. 15 of 20), it ships as well, so that the deployment
-    of that batch size can name it. One recipe that wins several batch sizes ships once.
+    not `shipped` and beats it (at its fastest engine) by more than `margin`, it ships as well, so that the
+    deployment of that batch size can name it: the file a batch size runs is then never more than `margin`
+    slower than the fastest candidate the speed check measured there. One recipe that wins several batch
+    sizes ships once.
     """
     if speed is None:
         return {}
@@ -725,37 +717,10 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
         if shipped not in timed:
             continue
         best = min(timed, key=lambda c: best_engine_ms(speed[key], c.recipe)[0])
-        (best_ms, best_engine), (shipped_ms, shipped_engine) = (best_engine_ms(speed[key], c.recipe) for c in (best, shipped))
-        if (best is not shipped and shipped_ms > (1 + margin) * best_ms
-                and _faster_in_enough_rounds(speed[key], _slot(best.recipe, best_engine), _slot(shipped.recipe, shipped_engine))):
+        if best is not shipped and best_engine_ms(speed[key], shipped.recipe)[0] > (1 + margin) * best_engine_ms(speed[key], best.recipe)[0]:
             out.setdefault(best.recipe, []).append(key)
     return out
 
-
-def _slot(name: str, engine: str) -> str:
-    """The speed check's slot name of `name` under `engine` ("<name>" on ONNX Runtime, else "<name>@<engine>")."""
-    return name if engine == "onnxruntime" else f"{name}@{engine}"
-
-
-def sign_test_wins(rounds: int, alpha: float = SIGN_TEST_ALPHA) -> int:
-    """The fewest wins out of `rounds` paired rounds that chance alone (p = 1/2 per round) reaches with
-    probability <= `alpha`: 5 of 5, 9 of 10, 15 of 20."""
-    from math import comb
-
-    for wins in range(rounds + 1):
-        if sum(comb(rounds, k) for k in range(wins, rounds + 1)) / 2 ** rounds <= alpha:
-            return wins
-    return rounds + 1  # no number of wins is significant with so few rounds
-
-
-def _faster_in_enough_rounds(entry: dict, fast: str, slow: str) -> bool:
-    rounds = entry.get("rounds_ms") or {}
-    if fast not in rounds or slow not in rounds or len(rounds[fast]) != len(rounds[slow]):
-        return False
-    if len(rounds[fast]) < PER_BATCH_MIN_ROUNDS:
-        return False
-    wins = sum(a < b for a, b in zip(rounds[fast], rounds[slow], strict=True))  # lengths checked above
-    return wins >= sign_test_wins(len(rounds[fast]))
 
 
 def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool,
