@@ -233,3 +233,35 @@ def test_a_per_batch_file_ships_with_its_deployment_and_is_removed_when_it_no_lo
     assert set(manifest["artifacts"]) == {"fp32", "int8"}
     assert [(d["batch"], d["artifact"]) for d in manifest["deployments"]] == [(1, "int8"), (32, "int8")]
     assert sorted(p.name for p in exported_run.glob("model.int8*.onnx")) == ["model.int8.onnx"]
+
+
+def test_the_speed_check_times_the_fastest_again_in_a_final_and_keeps_one_fp32_baseline(monkeypatch):
+    """Structural: the harness is replaced by a table of latencies (ms) for the first call and for the final."""
+    import numpy as np
+
+    from pipeline.timing import Slot
+
+    first = {"fp32": 100, "a": 50, "b": 60, "c": 70, "d": 80}
+    final = {"fp32": 200, "a": 150, "b": 100, "c": 180}
+    names, calls = {}, []
+
+    def session_slot(session, inputs):
+        slot = Slot(run=lambda: None)
+        names[id(slot.run)] = session
+        return slot
+
+    def timed(slots, plan):
+        table = first if len(calls) % 2 == 0 else final  # per batch size: the first call, then the final
+        calls.append(sorted(names[id(s.run)] for s in slots))
+        for s in slots:
+            s.latencies_ns = [table[names[id(s.run)]] * 1_000_000] * 3
+
+    monkeypatch.setattr(quantize.runtime, "create_session", lambda path, settings, threads=None: path.name)
+    monkeypatch.setattr(quantize.runtime, "session_slot", session_slot)
+    monkeypatch.setattr(quantize, "time_interleaved", timed)
+    models = {name: (Path(name), {}) for name in first}
+    entry = quantize.speed_check(models, np.zeros((4, 1, 2, 2), np.float32), QuantizeConfig(speed_batch=2))["batch_1"]
+    assert calls[:2] == [sorted(first), ["a", "b", "c", "fp32"]] and entry["finalists"] == ["a", "b", "c"]
+    # The finalists' numbers come from the final (b now ranks first); d keeps its first ratio on the final's fp32.
+    assert entry["fp32_ms"] == 200 and (entry["a_ms"], entry["b_ms"], entry["c_ms"]) == (150, 100, 180)
+    assert entry["d_ms"] == 160 and entry["d_ratio"] == 0.8 and entry["b_ratio"] == 0.5
