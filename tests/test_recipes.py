@@ -265,3 +265,14 @@ def test_the_speed_check_times_the_fastest_again_in_a_final_and_keeps_one_fp32_b
     # The finalists' numbers come from the final (b now ranks first); d keeps its first ratio on the final's fp32.
     assert entry["fp32_ms"] == 200 and (entry["a_ms"], entry["b_ms"], entry["c_ms"]) == (150, 100, 180)
     assert entry["d_ms"] == 160 and entry["d_ratio"] == 0.8 and entry["b_ratio"] == 0.5
+
+
+def test_the_shipped_int8_is_a_file_some_batch_size_runs():
+    # float-gemm-outputs has the best geometric mean (0.66 x 0.70) but is fastest at no batch size: shipping it
+    # would add a third file that no deployment runs. first-conv-fp32 wins batch 1, default wins batch 256.
+    cands = [candidate("default"), candidate("float-gemm-outputs"), candidate("first-conv-fp32")]
+    table = speed(**{"default": (0.80, 6.0), "float-gemm-outputs": (0.66, 7.0), "first-conv-fp32": (0.60, 8.2)})
+    shipped, _ = quantize.choose_candidate(cands, table, 0.05)
+    assert shipped.recipe in ("default", "first-conv-fp32")
+    extra = quantize.per_batch_files(cands, table, shipped)
+    assert len(extra) == 1 and {shipped.recipe, *extra} == {"default", "first-conv-fp32"}
