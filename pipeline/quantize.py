@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
 from pipeline import artifacts, metrics, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.timing import Slot, TimingPlan, ratio_of_medians, summarize, time_interleaved
+from pipeline.timing import Slot, TimingPlan, paired_ratio, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -479,8 +479,8 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
     already through its agreement check), timed in the same groups. Every batch size is one
     `time_interleaved` call over all of them (rounds interleaved, order reversed on odd rounds), then a
     final call over fp32 and the `FINALISTS` fastest. Every latency is stated as its ratio to fp32 (from the
-    final for the finalists, else from the first call) times fp32's p50 in the final, so that all of one
-    batch size share one fp32 baseline.
+    final for the finalists, else from the first call; the median of the per-round ratios, `paired_ratio`)
+    times fp32's p50 in the final, so that all of one batch size share one fp32 baseline.
     Returns {"batch_1": {"fp32_ms": ..., "<name>_ms": ..., "<name>_ratio": ..., "finalists": [...]}, ...}.
     """
     base = next(iter(models))
@@ -495,14 +495,14 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
         slots.update({key: target.open("cpu", batch, threads, None, inputs)
                       for key, target in (other_engines or {}).items()})
         time_interleaved(list(slots.values()), plan)
-        ratios = {name: ratio_of_medians(slot, slots[base]) for name, slot in slots.items()}
+        ratios = {name: paired_ratio(slot, slots[base]) for name, slot in slots.items()}
         # The final: the fastest few again, head to head with fp32. With FINALISTS + 1 slots instead of all of
         # them, each round is over in a fraction of the time, so drifts of the host's load hit them alike, and
         # the choice among near-equal files is made on these numbers.
         finalists = sorted((name for name in slots if name != base), key=ratios.get)[:FINALISTS]
         final = {name: Slot(run=slots[name].run) for name in (base, *finalists)}
         time_interleaved(list(final.values()), plan)
-        ratios.update({name: ratio_of_medians(slot, final[base]) for name, slot in final.items()})
+        ratios.update({name: paired_ratio(slot, final[base]) for name, slot in final.items()})
         fp32_ms = summarize(final[base].latencies_ns, batch)["latency_ms"]["p50"]
         entry = {f"{name}_ms": round(ratios[name] * fp32_ms, 4) for name in slots}
         entry.update({f"{name}_ratio": round(ratios[name], 3) for name in slots if name != base})

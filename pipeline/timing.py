@@ -154,3 +154,15 @@ def ratio_of_medians(slot: Slot, baseline: Slot) -> float:
     import numpy as np
 
     return float(np.median(slot.latencies_ns) / np.median(baseline.latencies_ns))
+
+
+def paired_ratio(slot: Slot, baseline: Slot) -> float:
+    """The median over rounds of p50(slot) / p50(baseline) within the round: below 1 means `slot` is faster.
+
+    Both were timed in the same round, seconds apart, so a load change between rounds cancels out of each
+    round's ratio; the pooled `ratio_of_medians` lets a slow round of one slot meet a fast round of the other.
+    """
+    import numpy as np
+
+    return float(np.median(np.asarray(round_medians(slot)) / np.asarray(round_medians(baseline))))
+

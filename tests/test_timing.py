@@ -74,3 +74,15 @@ def test_settling_runs_precede_every_round_of_every_slot_untimed():
     order.clear()
     time_interleaved(recording_slots("ab", order), TimingPlan(warmup=0, runs=2, rounds=2))
     assert order == ["a", "b", "b", "a"]
+
+
+def test_paired_ratio_cancels_a_load_change_between_rounds():
+    from pipeline.timing import paired_ratio, ratio_of_medians
+
+    # Round 0 is quiet, round 1 three times slower for both; b is 0.8x a in each round. b got more runs in the
+    # quiet round (duration-bounded rounds), which the pooled ratio mistakes for speed.
+    a = Slot(run=lambda: None, latencies_ns=[10, 30, 30, 30], rounds=[0, 1, 1, 1])
+    b = Slot(run=lambda: None, latencies_ns=[8, 8, 8, 24], rounds=[0, 0, 0, 1])
+    assert paired_ratio(b, a) == pytest.approx(0.8)
+    # Negative control: the pooled medians (8 vs 30) call b 3.75x faster.
+    assert ratio_of_medians(b, a) == pytest.approx(8 / 30)
