@@ -589,8 +589,8 @@ RECIPES = {r.name: r for r in (
     Recipe("float-gemm-outputs", {"extra_options": {"OpTypesToExcludeOutputQuantization": ["Gemm"]}},
            "profiles: requantizing the Gemm outputs (the logits) costs more than it saves at batch 1"),
     Recipe("first-conv-fp32", {"keep_first_conv_fp32": True},
-           "profiles on AVX2 hosts without VNNI: the first Conv has one input channel (a K = 25 GEMM the int8 kernels "
-           "run poorly); in fp32 it made the whole model 9-12% faster at batch 1 (README, issue 16)"),
+           "the first Conv has one input channel (a K = 25 GEMM the int8 kernels run poorly): in fp32 it was 1.25-1.3x "
+           "faster on the pooled first block (issue 9); on the strided block it ties with the others, warm (issue 16)"),
 )}
 PER_BATCH_MARGIN = 0.03
 """Another candidate ships too, for the batch sizes where it beats the shipped int8 by more than this (issue 16:
