@@ -276,3 +276,15 @@ def test_the_shipped_int8_is_a_file_some_batch_size_runs():
     assert shipped.recipe in ("default", "first-conv-fp32")
     extra = quantize.per_batch_files(cands, table, shipped)
     assert len(extra) == 1 and {shipped.recipe, *extra} == {"default", "first-conv-fp32"}
+
+
+def test_speed_rounds_reach_the_config_and_nonsense_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.commands.quantize import configs
+
+    assert configs(speed_rounds=40)[0].speed_rounds == 40 and configs()[0].speed_rounds == QuantizeConfig().speed_rounds
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run"), "--speed-rounds", "0"])
+    assert result.exit_code == 2 and "speed rounds must be >= 1" in result.output
+    assert "Traceback" not in result.output

@@ -54,6 +54,7 @@ def export(
     disable_optimizers: q.DisableOptimizers = None,
     speed_check: q.SpeedCheck = True,
     speed_batch: q.SpeedBatch = 256,
+    speed_rounds: q.SpeedRounds = 15,
     recipes: q.Recipes = "",
     keep_candidates: q.KeepCandidates = False,
     fp16: q.Fp16 = False,
@@ -87,7 +88,8 @@ def export(
     quantize_config, fp16_config = q.configs(dynamic, quant_method, quant_format, per_channel, activation_type, weight_type,
                                              calibration_samples, calibration_seed, max_accuracy_drop, max_excluded_nodes,
                                              exclude_nodes, keep_first_conv_fp32, disable_optimizers, speed_check,
-                                             speed_batch, fp16, recipes, keep_candidates, max_class_recall_drop)
+                                             speed_batch, fp16, recipes, keep_candidates, max_class_recall_drop,
+                                             speed_rounds)
     mc_config = m.config(mc_samples, mc_max_accuracy_drop, mc_ood_data) if mc_dropout else None
     if out is not None and checkpoint is None:
         raise ConfigError("--out makes a new run folder around --checkpoint FILE: give --checkpoint too (or use --run)")

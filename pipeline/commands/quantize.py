@@ -44,6 +44,9 @@ DisableOptimizers = Annotated[Optional[list[str]], typer.Option(
     "--disable-optimizer", help="ORT optimizer to disable when running the int8 file (repeatable; recorded in the manifest).")]
 SpeedCheck = Annotated[bool, typer.Option("--speed-check/--no-speed-check", help="Time int8 against fp32 on this host.")]
 SpeedBatch = Annotated[int, typer.Option("--speed-batch", help="Large batch of the speed check.")]
+SpeedRounds = Annotated[int, typer.Option(
+    "--speed-rounds", help="Interleaved rounds of the speed check per batch size (more: a steadier choice on a noisy "
+                           "host, and a longer export).")]
 Recipes = Annotated[str, typer.Option(
     "--recipes", help="int8 recipes to build, gate on validation and time against each other; the fastest passing one "
                       "ships: default, ort-defaults, per-channel, qoperator-u8s8, float-gemm-outputs, first-conv-fp32, "
@@ -60,7 +63,8 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
             calibration_seed: int = 0, max_accuracy_drop: float = 0.5, max_excluded_nodes: int = 1,
             exclude_nodes: list[str] | None = None, keep_first_conv_fp32: bool | None = None,
             disable_optimizers: list[str] | None = None, speed_check: bool = True, speed_batch: int = 256,
-            fp16: bool = False, recipes: str = "", keep_candidates: bool = False, max_class_recall_drop: float = 2.0):
+            fp16: bool = False, recipes: str = "", keep_candidates: bool = False, max_class_recall_drop: float = 2.0,
+            speed_rounds: int = 15):
     """Options -> (QuantizeConfig, Fp16Config or None). Unset values keep the config's defaults."""
     from pipeline.config import Fp16Config, QuantizeConfig
 
@@ -70,7 +74,8 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
                             max_accuracy_drop=max_accuracy_drop, max_excluded_nodes=max_excluded_nodes,
                             nodes_to_exclude=tuple(exclude_nodes or ()), keep_first_conv_fp32=keep_first_conv_fp32,
                             disabled_optimizers=tuple(disable_optimizers or QuantizeConfig.disabled_optimizers),
-                            speed_check=speed_check, speed_batch=speed_batch, recipes=_recipes(recipes),
+                            speed_check=speed_check, speed_batch=speed_batch, speed_rounds=speed_rounds,
+                            recipes=_recipes(recipes),
                             keep_candidates=keep_candidates, max_class_recall_drop=max_class_recall_drop)
     return config, (Fp16Config(max_class_recall_drop=max_class_recall_drop) if fp16 else None)
 
@@ -166,6 +171,7 @@ def quantize(
     disable_optimizers: DisableOptimizers = None,
     speed_check: SpeedCheck = True,
     speed_batch: SpeedBatch = 256,
+    speed_rounds: SpeedRounds = 15,
     recipes: Recipes = "",
     keep_candidates: KeepCandidates = False,
     fp16: Fp16 = False,
@@ -182,7 +188,7 @@ def quantize(
     config, fp16_config = configs(dynamic, method, format, per_channel, activation_type, weight_type, calibration_samples,
                                   calibration_seed, max_accuracy_drop, max_excluded_nodes, exclude_nodes,
                                   keep_first_conv_fp32, disable_optimizers, speed_check, speed_batch, fp16,
-                                  recipes, keep_candidates, max_class_recall_drop)
+                                  recipes, keep_candidates, max_class_recall_drop, speed_rounds)
     from pipeline import data
 
     with data.reading(None, data_dir, cache_dir):
