@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.timing import TimingPlan
+from pipeline.timing import SETTLE_SECONDS, TimingPlan
 
 DATASETS = ("digits", "idx", "folder", "npz")
 OPTIMIZERS = ("adam", "sgd")
@@ -295,7 +295,7 @@ class BenchConfig(TimingPlan):
     """Also time the PyTorch model (eval + inference_mode) on the same inputs and threads, when a checkpoint is at hand."""
     seed: int = 0
     """Seed of the synthetic inputs (the same inputs for every artifact and the baseline)."""
-    settle_seconds: float = 0.05
+    settle_seconds: float = SETTLE_SECONDS
     """Untimed runs at the start of each slot's round (`TimingPlan.settle_seconds`): bench interleaves sessions and
     engines, and the previous one's threads and cache footprint slowed the next one's first runs."""
 

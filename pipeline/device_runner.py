@@ -613,7 +613,7 @@ def selftest(folder: str, args) -> int:
         passed = golden_checks(folder, manifest, models, checks) if models else set()
         plan = timing.TimingPlan(warmup=5, warmup_seconds=0.2, duration=args.budget / max(1, len(args.batch_sizes)) /
                                  max(1, len(passed) * len(available_providers())), rounds=args.rounds,
-                                 time_limit=args.budget, settle_seconds=SETTLE_SECONDS)
+                                 time_limit=args.budget, settle_seconds=timing.SETTLE_SECONDS)
         timed = {v: s for v, s in models.items() if v in passed}
         records, choices = time_candidates(folder, manifest, timed, args.batch_sizes, plan, args.threads) if timed else ([], [])
     except Refused as exc:
@@ -641,11 +641,6 @@ def selftest(folder: str, args) -> int:
     for line in summary_lines(report):
         print(line)
     return 0
-
-
-SETTLE_SECONDS = 0.05
-"""Untimed runs before each variant's round, as `pipeline bench` does (BenchConfig.settle_seconds): the previous
-variant's threads and cache footprint slow the next one's first runs."""
 
 
 def _bench_command(manifest: dict, models: dict, args, plan, choices) -> list:

@@ -40,7 +40,7 @@ from onnxruntime.quantization import (
 from pipeline import artifacts, metrics, onnxfile, runtime
 from pipeline.config import Fp16Config, QuantizeConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.timing import Slot, TimingPlan, paired_ratio, summarize, time_interleaved
+from pipeline.timing import SETTLE_SECONDS, Slot, TimingPlan, paired_ratio, summarize, time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -527,10 +527,6 @@ def speed_threads(config: QuantizeConfig, batch: int) -> int:
 
 FINALISTS = 3
 """Per batch size, the fastest models of the speed check's first call that are timed again against fp32."""
-SETTLE_SECONDS = 0.05
-"""Untimed runs at the start of each round of each model. With rounds of 0.05 s and no settling, ONNX Runtime's
-fp32 at batch 256 measured 30-34 ms against 17 ms in 0.4 s rounds; 0.02 s of settling (one or two runs at batch
-256) still left int8 at 16-18 ms against 12.3; 0.05 s brought it to 12.9-13.7 (README, issue 16)."""
 
 
 def speed_plan(config: QuantizeConfig) -> TimingPlan:

@@ -19,6 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+SETTLE_SECONDS = 0.05
+"""The settling time every interleaved comparison of sessions uses (`TimingPlan.settle_seconds`): with rounds of
+0.05 s and no settling, ONNX Runtime's fp32 at batch 256 measured 30-34 ms against 17 ms in 0.4 s rounds; 0.02 s
+(one or two runs at batch 256) still left int8 at 16-18 ms against 12.3; 0.05 s brought it to 12.9-13.7 (README,
+issue 16). The plan's own default stays 0 so that a plan says exactly which runs it makes."""
+
 
 @dataclass(frozen=True)
 class TimingPlan:

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline import bench, deployments, engines, quantize, runtime
 from pipeline.bench import OnnxTarget
 from pipeline.config import BenchConfig
-from pipeline.timing import TimingPlan, round_medians, summarize, time_interleaved
+from pipeline.timing import SETTLE_SECONDS, TimingPlan, round_medians, summarize, time_interleaved
 
 BATCHES = ((1, 1), (256, 2))
 """(batch, threads): the two operating points the acceptance names."""
@@ -166,7 +166,7 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                         "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {},
                         "deployed_vs_candidates": deployed_vs_candidates(manifest)}
         plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
-                          rounds=rounds, time_limit=max(seconds, 2.0), settle_seconds=quantize.SETTLE_SECONDS)
+                          rounds=rounds, time_limit=max(seconds, 2.0), settle_seconds=SETTLE_SECONDS)
         config = BenchConfig()
         for batch, threads in BATCHES:
             x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])), dtype=np.float32)
