@@ -171,9 +171,11 @@ def _member(name: str, size: int, mode: int = 0o644, kind: bytes = tarfile.REGTY
 
 def default_variants(manifest: dict, run_dir: Path) -> tuple[str, ...]:
     """The recommended artifact, then every other artifact the deployments name (so the bundle can follow them)."""
-    recommended = choose_variant(manifest, None, run_dir)
-    named = [d.get("artifact") for d in manifest.get("deployments") or [] if isinstance(d, dict)]
-    return tuple(dict.fromkeys([recommended, *(n for n in named if n in (manifest.get("artifacts") or {}))]))
+    from pipeline import deployments
+
+    recommended = choose_variant(manifest, None, run_dir)  # first: a run without artifacts is refused in one line
+    named = [d.artifact for d in deployments.read(manifest) if d.artifact in manifest["artifacts"]]
+    return tuple(dict.fromkeys([recommended, *named]))
 
 
 def pack(run_dir: Path, config: PackConfig, on_step=None) -> PackResult:

@@ -506,7 +506,7 @@ def speed_check(models: dict[str, tuple[Path, dict]], x: np.ndarray, config: Qua
         fp32_ms = summarize(final[base].latencies_ns, batch)["latency_ms"]["p50"]
         entry = {f"{name}_ms": round(ratios[name] * fp32_ms, 4) for name in slots}
         entry.update({f"{name}_ratio": round(ratios[name], 3) for name in slots if name != base})
-        entry["runs"] = {name: len(slot.latencies_ns) + len(final[name].latencies_ns if name in final else [])
+        entry["runs"] = {name: len(slot.latencies_ns) + (len(final[name].latencies_ns) if name in final else 0)
                          for name, slot in slots.items()}
         entry["threads"] = threads
         entry["finalists"] = finalists

@@ -546,19 +546,17 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     fp32_test = quantize.score(fp32_path, fp32_runtime, x_test, splits.y_test, None)[0]
     tested = {name: quantize.score(path, settings, x_test, splits.y_test, fp32_test.predictions)[0]
               for name, (path, settings) in models.items() if name != "fp32"}
-    record = _derived_record(target, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime,
-                             tested[variant])
-    record["quantization"] = {**quantize.config_record(chosen.config), "calibration_source": calibration_source,
-                              "calibration_images": int(len(calibration)), "excluded_nodes": list(result.excluded),
-                              "recipe": chosen.recipe, "recipe_choice": choice_reason,
-                              "candidates": quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates,
-                                                                       engine_checks)}
-    record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
-    record["latency"] = _latency_for(speed, variant)
+    calibrated = {"calibration_source": calibration_source, "calibration_images": int(len(calibration))}
+    record = _int8_record(variant, chosen, target, fp32, tested[variant], speed, calibrated, recipe_choice=choice_reason,
+                          candidates=quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates,
+                                                                engine_checks))
     records = {variant: record}
     for name, c in extras.items():
-        records[name] = _per_batch_record(name, c, shipped[name][0], fp32, tested[name], per_batch[c.recipe], speed,
-                                          calibration_source, len(calibration))
+        batches = [key.replace("_", " ") for key in per_batch[c.recipe]]
+        records[name] = _int8_record(name, c, shipped[name][0], fp32, tested[name], speed, calibrated, shipped_for=batches,
+                                     recipe_choice=f"{c.recipe}: more than {100 * quantize.PER_BATCH_MARGIN:.0f}% faster "
+                                                   f"than the shipped int8 at {', '.join(batches)} in the export's speed "
+                                                   "check (the int8 record lists every candidate)")
     if fp16_result is not None:
         fp16_record = _derived_record(fp16_result.path, "fp16", "fp32", fp32, fp16_result.accuracy, fp16_result.agreement,
                                       fp16_result.runtime, tested["fp16"])
@@ -598,20 +596,17 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
                        outcome["variants"], tuple(warnings))
 
 
-def _per_batch_record(name: str, candidate, path: Path, fp32: dict, test, batch_keys: list[str], speed: dict,
-                      calibration_source: str, calibration_images: int) -> dict:
-    """The record of a candidate shipped for some batch sizes only (`quantize.per_batch_files`)."""
+def _int8_record(name: str, candidate, path: Path, fp32: dict, test, speed: dict | None, calibrated: dict,
+                 **choice) -> dict:
+    """The record of a shipped int8 candidate under artifact `name`: validation numbers (they chose), test numbers
+    (`test`, measured once), its recipe and calibration, and `choice` (why it ships: `recipe_choice`, and
+    `candidates` for the main int8 or `shipped_for` for a per-batch file)."""
     from pipeline import quantize
 
     result = candidate.result
     record = _derived_record(path, "int8", "fp32", fp32, result.accuracy, result.agreement, result.runtime, test)
-    record["quantization"] = {**quantize.config_record(candidate.config), "calibration_source": calibration_source,
-                              "calibration_images": int(calibration_images), "excluded_nodes": list(result.excluded),
-                              "recipe": candidate.recipe,
-                              "shipped_for": [key.replace("_", " ") for key in batch_keys],
-                              "recipe_choice": f"{candidate.recipe}: more than {100 * quantize.PER_BATCH_MARGIN:.0f}% faster "
-                                               f"than the shipped int8 at {', '.join(k.replace('_', ' ') for k in batch_keys)} "
-                                               "in the export's speed check (the int8 record lists every candidate)"}
+    record["quantization"] = {**quantize.config_record(candidate.config), **calibrated,
+                              "excluded_nodes": list(result.excluded), "recipe": candidate.recipe, **choice}
     record["verification"] = {"gate": result.gate_dict(), "structure": result.structure, "size_ratio": record["size_ratio"]}
     record["latency"] = _latency_for(speed, name)
     return record
