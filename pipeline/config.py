@@ -263,7 +263,8 @@ class MCConfig:
 
 
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
-QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs", "first-conv-fp32")  # quantize.RECIPES
+QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs", "first-conv-fp32",
+                 "nhwc-flatten", "nhwc-signed-input")  # quantize.RECIPES
 BENCH_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")  # pipeline.engines.ENGINES, without importing it
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -578,6 +579,14 @@ class QuantizeConfig:
     models int8 throughout was 1.12-1.17x faster at batch 256 than with that Conv in fp32 (0.92-0.98x at batch 1)."""
     keep_last_layer_fp32: bool = False
     """Keep the last Gemm/MatMul (the classifier) in fp32."""
+    flatten_nhwc: bool = False
+    """Flatten the last feature map in NHWC order before the first fully connected layer (a Transpose, and that
+    layer's weights permuted to match: the same products; `pipeline.layout`). Engines that keep int8 activations
+    channels-last then skip a reorder of the whole feature map (the `nhwc-flatten` recipes)."""
+    signed_input: bool = False
+    """Quantize the graph input as symmetric int8 (zero point 0, as NNCF does) instead of as an activation of
+    `activation_type`: a normalized image has negative values, and a zero zero point spares the first Conv its
+    zero-point correction. Static QDQ only."""
     pre_process: bool = True
     """Run `onnxruntime.quantization.quant_pre_process` (shape inference, graph optimization) first."""
     extra_options: dict = dataclasses.field(default_factory=dict)
@@ -642,6 +651,8 @@ class QuantizeConfig:
         for name in ("activation_type", "weight_type"):
             value = getattr(self, name)
             _require(value in QUANT_TYPES, f"unknown {name.replace('_', ' ')} {value!r}: choose one of {', '.join(QUANT_TYPES)}")
+        _require(not self.signed_input or (self.mode == "static" and self.format == "qdq"),
+                 "a signed input (signed_input) needs static QDQ quantization")
         _require(self.calibration_samples >= 1, f"calibration samples must be >= 1, got {self.calibration_samples}")
         _require(self.calibration_batch >= 1, f"calibration batch must be >= 1, got {self.calibration_batch}")
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
