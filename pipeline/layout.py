@@ -87,7 +87,7 @@ def flatten_nhwc(model: onnx.ModelProto) -> int:
         axes = [_weight_column_axis(model, user, node.output[0]) for user in users]
         if not users or None in axes or any(len(consumers.get(u.input[1], [])) != 1 for u in users):
             continue
-        for user, axis in zip(users, axes):
+        for user, axis in zip(users, axes, strict=True):
             _permute_weight(model, user.input[1], axis, chw)
         nhwc = f"{node.input[0]}_nhwc"
         position = list(model.graph.node).index(node)

@@ -77,8 +77,10 @@ def test_recipes_default_to_all_only_when_the_speed_check_can_tell_them_apart():
 
 
 def test_ort_defaults_is_onnxruntimes_own_default_recipe():
-    config = quantize.recipe_config(QuantizeConfig(per_channel=True, keep_first_conv_fp32=True), "ort-defaults")
+    config = quantize.recipe_config(QuantizeConfig(per_channel=True, keep_first_conv_fp32=True, flatten_nhwc=True,
+                                                   signed_input=True), "ort-defaults")
     assert (config.format, config.activation_type, config.weight_type, config.per_channel) == ("qdq", "int8", "int8", False)
+    assert not config.flatten_nhwc and not config.signed_input  # the pipeline's own graph rewrites are not ORT's
     assert config.keep_first_conv_fp32 is False and config.disabled_optimizers == () and config.pre_process
     assert config.max_accuracy_drop == QuantizeConfig().max_accuracy_drop  # the gate is the same for every recipe
 

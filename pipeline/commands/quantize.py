@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.commands.options import CacheDirNow, DataDirNow, console
+from pipeline.config import QUANT_RECIPES
 
 Dynamic = Annotated[bool, typer.Option("--dynamic", help="Dynamic int8 (activation ranges at run time, no calibration) "
                                                           "instead of static; written as int8_dynamic.")]
@@ -49,7 +50,7 @@ SpeedRounds = Annotated[int, typer.Option(
                            "host, and a longer export).")]
 Recipes = Annotated[str, typer.Option(
     "--recipes", help="int8 recipes to build, gate on validation and time against each other; the fastest passing one "
-                      "ships: default, ort-defaults, per-channel, qoperator-u8s8, float-gemm-outputs, first-conv-fp32, "
+                      f"ships: {', '.join(QUANT_RECIPES)}, "
                       "comma-separated, or 'all' (default: all with the speed check, else the configured recipe only). "
                       "A recipe more than 3% faster at one batch size ships too, as int8-<recipe>, for that size.")]
 KeepCandidates = Annotated[bool, typer.Option(
@@ -81,8 +82,6 @@ def configs(dynamic: bool = False, method: str = "minmax", format: str = "qdq", 
 
 
 def _recipes(text: str) -> tuple[str, ...] | None:
-    from pipeline.config import QUANT_RECIPES
-
     names = [part for part in text.replace(" ", "").split(",") if part]
     if not names:
         return None
