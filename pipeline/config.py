@@ -264,7 +264,7 @@ class MCConfig:
 
 BENCH_PROVIDERS = ("cpu", "cuda", "tensorrt")
 QUANT_RECIPES = ("default", "ort-defaults", "per-channel", "qoperator-u8s8", "float-gemm-outputs", "first-conv-fp32",
-                 "nhwc-flatten", "nhwc-signed-input")  # quantize.RECIPES
+                 "nhwc-flatten", "nhwc-signed-input", "space-to-depth")  # quantize.RECIPES
 BENCH_ENGINES = ("onnxruntime", "openvino", "openvino-bf16")  # pipeline.engines.ENGINES, without importing it
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -583,6 +583,10 @@ class QuantizeConfig:
     """Flatten the last feature map in NHWC order before the first fully connected layer (a Transpose, and that
     layer's weights permuted to match: the same products; `pipeline.layout`). Engines that keep int8 activations
     channels-last then skip a reorder of the whole feature map (the `nhwc-flatten` recipes)."""
+    space_to_depth: bool = False
+    """Rewrite each strided Conv on at most 4 input channels (the first Conv of an image model) as Pad +
+    SpaceToDepth + a stride-1 Conv on stride^2 times the channels (the same sums; `pipeline.layout`): int8
+    kernels multiply channels in groups of four, and one channel leaves three of four lanes empty."""
     signed_input: bool = False
     """Quantize the graph input as symmetric int8 (zero point 0, as NNCF does) instead of as an activation of
     `activation_type`: a normalized image has negative values, and a zero zero point spares the first Conv its

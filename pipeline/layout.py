@@ -8,6 +8,13 @@ counters, issue 16). Flattening in NHWC order instead (a Transpose to NHWC, whic
 elides, since its data already is in that order) and permuting the fully connected layer's weight
 columns to match computes the same products, summed in another order (fp32 differences ~1e-6).
 
+`space_to_depth`: a strided Conv on few input channels (the first Conv of an image model: one channel
+for MNIST, three for RGB) leaves most of an int8 kernel's input lanes empty, since VNNI and AMX multiply
+groups of four input channels. Rewritten as Pad + SpaceToDepth(stride) + a stride-1 Conv on stride^2 times
+the channels (kernel ceil(k/stride), zero-padded weights), it computes the same sums. On the AMX Xeon it
+made ONNX Runtime's int8 1.38x faster at batch 256 and 1.08x at batch 1, while OpenVINO ran it slower
+(its SpaceToDepth stays fp32): which engine gains is the speed check's to measure.
+
 Imports onnx and numpy only.
 """
 
@@ -105,3 +112,90 @@ def _permute_weight(model: onnx.ModelProto, name: str, axis: int, chw: tuple[int
     moved = np.moveaxis(weight, axis, 0)  # (C*H*W, outputs)
     permuted = moved.reshape(*chw, -1).transpose(1, 2, 0, 3).reshape(moved.shape)
     init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.moveaxis(permuted, 0, axis)), name))
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def space_to_depth(model: onnx.ModelProto, max_channels: int = 4) -> int:
+    """Rewrite, in place, every strided Conv on at most `max_channels` input channels whose weight is its own as
+    Pad + SpaceToDepth + stride-1 Conv; returns how many were rewritten (0: the model has none)."""
+    model_with_shapes = onnx.shape_inference.infer_shapes(model)
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    rewritten = 0
+    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        plan = _space_to_depth_plan(model, model_with_shapes, conv, max_channels, consumers)
+        if plan is not None:
+            _rewrite_space_to_depth(model, conv, *plan)
+            rewritten += 1
+    return rewritten
+
+
+def _space_to_depth_plan(model, model_with_shapes, conv, max_channels, consumers):
+    """(stride, pads) when the rewrite applies to `conv` and gives the same output size; None otherwise."""
+    attrs = _attributes(conv)
+    strides = list(attrs.get("strides", [1, 1]))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if (attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])) or len(strides) != 2
+            or strides[0] != strides[1] or strides[0] < 2 or auto_pad not in (b"NOTSET", "NOTSET")):
+        return None
+    chw = _chw(model_with_shapes, conv.input[0])
+    weight = next((i for i in model.graph.initializer if i.name == conv.input[1]), None)
+    if chw is None or chw[0] > max_channels or weight is None or consumers.get(conv.input[1]) != 1:
+        return None
+    stride, (kh, kw) = strides[0], weight.dims[2:]
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    height, width = chw[1] + top + bottom, chw[2] + left + right
+    if not (_same_output_size(height, kh, stride) and _same_output_size(width, kw, stride)):
+        return None
+    # Pad to whole blocks: the extra zero rows and columns meet only zero-padded weights.
+    return stride, [top, left, bottom + (-height % stride), right + (-width % stride)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _same_output_size(padded: int, kernel: int, stride: int) -> bool:
+    """Whether the stride-1 Conv on whole blocks has as many outputs as the strided Conv along one axis."""
+    return (padded - kernel) // stride + 1 == _ceil_div(padded, stride) - _ceil_div(kernel, stride) + 1
+
+
+def _blocked_weight(weight: np.ndarray, stride: int) -> np.ndarray:
+    """(O, C, kh, kw) -> (O, stride^2 * C, ceil(kh / stride), ceil(kw / stride)): the kernel zero-padded to whole
+    blocks, each tap moved to the channel where SpaceToDepth puts its input: row offset dh, column offset dw and
+    channel c of a block go to channel (dh * stride + dw) * C + c."""
+    out, channels, kh, kw = weight.shape
+    bh, bw = _ceil_div(kh, stride), _ceil_div(kw, stride)
+    padded = np.zeros((out, channels, bh * stride, bw * stride), weight.dtype)
+    padded[:, :, :kh, :kw] = weight
+    blocked = padded.reshape(out, channels, bh, stride, bw, stride).transpose(0, 3, 5, 1, 2, 4)
+    return np.ascontiguousarray(blocked.reshape(out, stride * stride * channels, bh, bw))
+
+
+def _rewrite_space_to_depth(model: onnx.ModelProto, conv: onnx.NodeProto, stride: int, pads: list[int]) -> None:
+    init = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    blocked = _blocked_weight(numpy_helper.to_array(init), stride)
+    init.CopyFrom(numpy_helper.from_array(blocked, init.name))
+    bh, bw = blocked.shape[2:]
+    source, base = conv.input[0], conv.name or conv.output[0]
+    position = list(model.graph.node).index(conv)
+    if any(pads):
+        pads_name = f"{base}_s2d_pads"
+        top, left, bottom, right = pads
+        model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, top, left, 0, 0, bottom, right], np.int64),
+                                                               pads_name))
+        model.graph.node.insert(position, onnx.helper.make_node("Pad", [source, pads_name], [f"{base}_s2d_padded"],
+                                                                name=f"{base}_s2d_pad"))
+        source, position = f"{base}_s2d_padded", position + 1
+    model.graph.node.insert(position, onnx.helper.make_node("SpaceToDepth", [source], [f"{base}_s2d"], blocksize=stride,
+                                                            name=f"{base}_s2d"))
+    conv.input[0] = f"{base}_s2d"
+    kept = [a for a in conv.attribute if a.name not in ("pads", "strides", "kernel_shape", "auto_pad")]
+    del conv.attribute[:]
+    conv.attribute.extend([*kept, onnx.helper.make_attribute("kernel_shape", [bh, bw]),
+                           onnx.helper.make_attribute("strides", [1, 1]), onnx.helper.make_attribute("pads", [0, 0, 0, 0])])

@@ -87,12 +87,69 @@ def test_flatten_nhwc_leaves_a_shared_weight_and_a_non_4d_input_alone():
     assert layout.flatten_nhwc(flat_input) == 0
 
 
+def strided_conv_model(channels: int, size: int, kernel: int, stride: int, pads: list[int]) -> onnx.ModelProto:
+    """input (N, channels, size, size) -> Conv (8 outputs, strided) -> logits."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, channels, kernel, kernel)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "b")]
+    node = helper.make_node("Conv", ["input", "w", "b"], ["logits"], strides=[stride, stride], pads=pads,
+                            kernel_shape=[kernel, kernel], name="stem")
+    graph = helper.make_graph([node], "stem", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8, "H", "W"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def stem_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+# MNIST's stem (28x28, 5x5, stride 2, pad 2), an RGB stem (3x3 stride 2 pad 1 on an odd size: padded to whole
+# blocks), and a stride-3 kernel that is not a multiple of the stride.
+@pytest.mark.parametrize("channels, size, kernel, stride, pads", [(1, 28, 5, 2, [2, 2, 2, 2]), (3, 15, 3, 2, [1, 1, 1, 1]),
+                                                                   (2, 12, 4, 3, [0, 0, 0, 0])])
+def test_space_to_depth_computes_the_same_outputs(channels, size, kernel, stride, pads):
+    model = strided_conv_model(channels, size, kernel, stride, pads)
+    x = np.random.default_rng(4).normal(size=(2, channels, size, size)).astype(np.float32)
+    before = stem_outputs(model, x)
+    assert layout.space_to_depth(model) == 1
+    onnx.checker.check_model(model)
+    assert "SpaceToDepth" in [n.op_type for n in model.graph.node]
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert list(next(a for a in conv.attribute if a.name == "strides").ints) == [1, 1]
+    after = stem_outputs(model, x)
+    assert after.shape == before.shape and np.abs(after - before).max() < 1e-4
+
+
+def test_space_to_depth_without_reordered_weights_changes_the_outputs(monkeypatch):
+    # Negative control: zero-padding the kernel without moving taps to SpaceToDepth's channel order is wrong,
+    # so the equality above rests on that reordering.
+    model = strided_conv_model(1, 28, 5, 2, [2, 2, 2, 2])
+    x = np.random.default_rng(4).normal(size=(2, 1, 28, 28)).astype(np.float32)
+    before = stem_outputs(model, x)
+
+    def padded_only(weight, stride):  # the right shape, the taps left in kernel order
+        out, channels, kh, kw = weight.shape
+        blocks = -(-kh // stride)
+        padded = np.zeros((out, channels, blocks * stride, blocks * stride), weight.dtype)
+        padded[:, :, :kh, :kw] = weight
+        return np.ascontiguousarray(padded.reshape(out, stride * stride * channels, blocks, blocks))
+
+    monkeypatch.setattr(layout, "_blocked_weight", padded_only)
+    assert layout.space_to_depth(model) == 1
+    assert np.abs(stem_outputs(model, x) - before).max() > 1e-2
+
+
+def test_space_to_depth_leaves_wide_and_unstrided_convs_alone():
+    assert layout.space_to_depth(strided_conv_model(8, 16, 3, 2, [1, 1, 1, 1])) == 0  # 8 channels fill the lanes
+    assert layout.space_to_depth(strided_conv_model(1, 16, 3, 1, [1, 1, 1, 1])) == 0  # stride 1: nothing to fold
+    assert layout.space_to_depth(strided_conv_model(1, 16, 3, 2, [1, 1, 1, 1]), max_channels=0) == 0
+
+
 def quantized(tmp_path, model: onnx.ModelProto, config: QuantizeConfig) -> onnx.ModelProto:
     source = tmp_path / "fp32.onnx"
     onnx.save(model, str(source))
     prepared = quantize.prepare(source, tmp_path / "prepared.onnx", config.pre_process)
-    if config.flatten_nhwc:
-        quantize.rewrite_flatten_nhwc(prepared)
+    quantize.rewrite_layout(prepared, config)
     calibration = np.random.default_rng(2).normal(size=(16, 2, H, W)).astype(np.float32)
     out = quantize.quantize_model(prepared, tmp_path / "int8.onnx", config, calibration, ())
     return onnx.load(str(out))
@@ -122,7 +179,9 @@ def test_flatten_nhwc_on_a_model_without_a_flatten_is_a_one_line_error(tmp_path)
     path = tmp_path / "conv.onnx"
     onnx.save(conv_only, str(path))
     with pytest.raises(quantize.QuantizeError, match="no flatten of a 4D feature map"):
-        quantize.rewrite_flatten_nhwc(path)
+        quantize.rewrite_layout(path, QuantizeConfig(flatten_nhwc=True))
+    with pytest.raises(quantize.QuantizeError, match="no strided Conv"):  # its Conv has stride 1
+        quantize.rewrite_layout(path, QuantizeConfig(space_to_depth=True))
 
 
 def test_signed_input_needs_static_qdq():
