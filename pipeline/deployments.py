@@ -12,7 +12,9 @@ Written by the export's speed check (ONNX Runtime, on the export host) and by `p
 the older one. `recommended` stays the one answer for readers that want one. Readers (`predict`,
 `bench`, the device runner) follow the entry of the nearest measured batch size at or below the
 one they run (the smallest entry when they run below every measured size), and fall back to ONNX
-Runtime with a one-line note when the entry's engine is not installed where they run.
+Runtime with a one-line note when the entry's engine is not installed where they run: to the
+entry's `onnxruntime_artifact` (the file that measured fastest on ONNX Runtime at that batch size)
+when it has one, else to `recommended`.
 
 The record is `pipeline.manifest.Deployment` (the typed schema); this module chooses and merges them.
 Imports no torch and no engine.
@@ -93,6 +95,8 @@ def follow(manifest: dict, batch: int, installed: Callable[[str], tuple[bool, st
     if entry.engine != "onnxruntime":
         ok, reason = installed(entry.engine)
         if not ok:
+            if entry.onnxruntime_artifact in manifest["artifacts"]:
+                fallback = entry.onnxruntime_artifact
             return Choice(fallback, "onnxruntime", None, entry,
                           f"the deployment for batch {entry.batch} is {entry.artifact} on {entry.engine}, not installed here "
                           f"({reason}): running {fallback} on onnxruntime")
@@ -114,23 +118,29 @@ def from_records(records: Iterable[dict], measured: str, created: str, host_reco
     fp32 = {(r["provider"], r["batch"], r["threads"]): r["latency_ms"]["p50"] for r in timed
             if r["kind"] == "fp32" and r["engine"] == "onnxruntime"}
     best: dict[int, dict] = {}
+    best_on_onnxruntime: dict[int, dict] = {}
     for r in timed:
         if r["batch"] not in best or r["latency_ms"]["p50"] < best[r["batch"]]["latency_ms"]["p50"]:
             best[r["batch"]] = r
+        if r["engine"] == "onnxruntime" and (r["batch"] not in best_on_onnxruntime
+                                             or r["latency_ms"]["p50"] < best_on_onnxruntime[r["batch"]]["latency_ms"]["p50"]):
+            best_on_onnxruntime[r["batch"]] = r
     out = []
     for batch, r in sorted(best.items()):
         base = fp32.get((r["provider"], batch, r["threads"]))
+        on_onnxruntime = best_on_onnxruntime.get(batch, {}).get("artifact")
         out.append(Deployment(batch=batch, artifact=r["artifact"], engine=r["engine"], provider=r["provider"],
                               threads=r["threads"], p50_ms=round(r["latency_ms"]["p50"], 6),
                               ratio_to_fp32=round(r["latency_ms"]["p50"] / base, 4) if base else None,
-                              host=host_record or host(), measured=measured, created=created))
+                              host=host_record or host(), measured=measured, created=created,
+                              onnxruntime_artifact=on_onnxruntime if r["engine"] != "onnxruntime" else None))
     return out
 
 
 def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> list[Deployment]:
     """Per batch size of an export speed check (`quantize.speed_check`: "batch_N" -> {"<name>_ms",
     "<name>@<engine>_ms"}), the fastest of `artifacts` on any engine timed (CPU, the check's threads),
-    with its p50 over fp32's on ONNX Runtime."""
+    with its p50 over fp32's on ONNX Runtime, and, when that engine is another, the fastest on ONNX Runtime."""
     out = []
     for key, entry in speed.items():
         if not key.startswith("batch_"):
@@ -144,10 +154,12 @@ def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> lis
         if not timed:
             continue
         (name, engine) = min(timed, key=timed.get)
+        on_onnxruntime = [pair for pair in timed if pair[1] == "onnxruntime"]
+        fallback = min(on_onnxruntime, key=timed.get)[0] if engine != "onnxruntime" and on_onnxruntime else None
         fp32 = entry.get("fp32_ms")
         out.append(Deployment(batch=int(key.removeprefix("batch_")), artifact=name, engine=engine, provider="cpu",
                               threads=entry.get("threads") or speed.get("threads") or _default_threads(),
                               p50_ms=timed[(name, engine)],
                               ratio_to_fp32=round(timed[(name, engine)] / fp32, 4) if fp32 else None, host=host(),
-                              measured="export speed check", created=created))
+                              measured="export speed check", created=created, onnxruntime_artifact=fallback))
     return sorted(out, key=lambda d: d.batch)

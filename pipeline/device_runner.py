@@ -370,8 +370,10 @@ def choose(folder: str, manifest: dict, manifest_sha: str, variant: str | None, 
                   "by": f"manifest deployments (build host's recommendation at batch {picked['batch']})"}
         engine, provider = picked.get("engine") or "onnxruntime", picked.get("provider") or "cpu"
         if engine != "onnxruntime":
+            if picked.get("onnxruntime_artifact") in shipped:  # the file that measured fastest on onnxruntime there
+                chosen["artifact"] = picked["onnxruntime_artifact"]
             chosen["note"] = (f"the recommended deployment at batch {picked['batch']} uses engine {engine!r}, "
-                              "which this runner does not drive: using onnxruntime")
+                              f"which this runner does not drive: using {chosen['artifact']} on onnxruntime")
         elif provider not in available_providers():
             chosen["note"] = (f"the recommended deployment at batch {picked['batch']} uses provider {provider!r}, "
                               "not present in this onnxruntime: using cpu")

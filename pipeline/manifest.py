@@ -204,6 +204,9 @@ class Deployment(_Record):
     host: dict | None = None
     measured: str | None = None
     created: str | None = None
+    onnxruntime_artifact: str | None = None
+    """When `engine` is not ONNX Runtime: the artifact that measured fastest on ONNX Runtime at this batch size,
+    which readers run where `engine` is not installed (most edge devices have ONNX Runtime only)."""
 
 
 @dataclass

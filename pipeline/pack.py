@@ -170,11 +170,13 @@ def _member(name: str, size: int, mode: int = 0o644, kind: bytes = tarfile.REGTY
 
 
 def default_variants(manifest: dict, run_dir: Path) -> tuple[str, ...]:
-    """The recommended artifact, then every other artifact the deployments name (so the bundle can follow them)."""
+    """The recommended artifact, then every other artifact the deployments name, their ONNX Runtime fallbacks
+    included (so the bundle can follow them on a device with ONNX Runtime only)."""
     from pipeline import deployments
 
     recommended = choose_variant(manifest, None, run_dir)  # first: a run without artifacts is refused in one line
-    named = [d.artifact for d in deployments.read(manifest) if d.artifact in manifest["artifacts"]]
+    named = [name for d in deployments.read(manifest) for name in (d.artifact, d.onnxruntime_artifact)
+             if name in manifest["artifacts"]]
     return tuple(dict.fromkeys([recommended, *named]))
 
 

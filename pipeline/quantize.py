@@ -757,7 +757,9 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
     not `shipped` and beats it (at its fastest engine) by more than `margin`, it ships as well, so that the
     deployment of that batch size can name it: the file a batch size runs is then never more than `margin`
     slower than the fastest candidate the speed check measured there. One recipe that wins several batch
-    sizes ships once.
+    sizes ships once. The same holds on ONNX Runtime alone, the engine most devices have: the fastest
+    candidate there ships too (key "batch_N@onnxruntime") when it beats the shipped int8 on ONNX Runtime by
+    more than `margin` and is faster than fp32 there (the deployments' `onnxruntime_artifact`).
     """
     if speed is None:
         return {}
@@ -770,6 +772,12 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
         best = min(timed, key=lambda c: best_engine_ms(speed[key], c.recipe)[0])
         if best is not shipped and best_engine_ms(speed[key], shipped.recipe)[0] > (1 + margin) * best_engine_ms(speed[key], best.recipe)[0]:
             out.setdefault(best.recipe, []).append(key)
+        on_onnxruntime = {c.recipe: speed[key][f"{c.recipe}_ms"] for c in timed}
+        best_there = min(on_onnxruntime, key=on_onnxruntime.get)
+        if (best_there != shipped.recipe and key not in out.get(best_there, [])
+                and on_onnxruntime[shipped.recipe] > (1 + margin) * on_onnxruntime[best_there]
+                and on_onnxruntime[best_there] < speed[key].get("fp32_ms", float("inf"))):
+            out.setdefault(best_there, []).append(f"{key}@onnxruntime")
     return out
 
 

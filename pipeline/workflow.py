@@ -552,7 +552,7 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
                                                                 engine_checks))
     records = {variant: record}
     for name, c in extras.items():
-        batches = [key.replace("_", " ") for key in per_batch[c.recipe]]
+        batches = [key.replace("_", " ").replace("@", " on ") for key in per_batch[c.recipe]]
         records[name] = _int8_record(name, c, shipped[name][0], fp32, tested[name], speed, calibrated, shipped_for=batches,
                                      recipe_choice=f"{c.recipe}: more than {100 * quantize.PER_BATCH_MARGIN:.0f}% faster "
                                                    f"than the shipped int8 at {', '.join(batches)} in the export's speed "

@@ -27,6 +27,8 @@ def test_the_record_has_exactly_the_documented_fields():
     record = Deployment.from_dict(entry(1)).to_dict()
     assert list(record) == ["batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host",
                             "measured", "created"]
+    with_fallback = Deployment.from_dict(entry(1, engine="openvino", onnxruntime_artifact="fp32")).to_dict()
+    assert list(with_fallback)[-1] == "onnxruntime_artifact" and with_fallback["onnxruntime_artifact"] == "fp32"
     with pytest.raises(ManifestError, match="unknown field"):
         Deployment.from_dict({**entry(1), "latency": 1.0})
     with pytest.raises(ManifestError, match="expected int"):
@@ -87,3 +89,26 @@ def test_the_export_speed_check_names_the_fastest_artifact_and_engine_per_batch(
     out = deployments.from_speed_check(speed, ("fp32", "int8"), "now")
     assert [(d.batch, d.artifact, d.engine, d.threads, d.ratio_to_fp32, d.measured) for d in out] == [
         (1, "int8", "onnxruntime", 2, 0.5, "export speed check"), (256, "int8", "openvino", 2, 0.4, "export speed check")]
+
+
+def test_a_missing_engine_falls_back_to_the_file_fastest_on_onnxruntime_there():
+    m = manifest(entry(256, artifact="int8", engine="openvino", onnxruntime_artifact="int8-space-to-depth"))
+    m["artifacts"]["int8-space-to-depth"] = {}
+    choice = deployments.follow(m, 256, installed())
+    assert (choice.artifact, choice.engine) == ("int8-space-to-depth", "onnxruntime")
+    assert "running int8-space-to-depth on onnxruntime" in choice.note
+    # Negative control: a fallback the run does not ship is ignored for `recommended`.
+    del m["artifacts"]["int8-space-to-depth"]
+    assert deployments.follow(m, 256, installed()).artifact == "int8"
+
+
+def test_the_speed_check_names_the_onnxruntime_fallback_only_where_another_engine_wins():
+    speed = {"threads": 2, "batch_1": {"fp32_ms": 0.12, "int8_ms": 0.06, "int8-s2d_ms": 0.07},
+             "batch_256": {"fp32_ms": 20.0, "int8_ms": 12.0, "int8@openvino_ms": 8.0, "int8-s2d_ms": 9.0,
+                           "int8-s2d@openvino_ms": 8.5}}
+    out = deployments.from_speed_check(speed, ("fp32", "int8", "int8-s2d"), "now")
+    assert [(d.batch, d.artifact, d.engine, d.onnxruntime_artifact) for d in out] == [
+        (1, "int8", "onnxruntime", None), (256, "int8", "openvino", "int8-s2d")]
+    records = [record("fp32", "onnxruntime", 256, 20.0), record("int8", "openvino", 256, 8.0),
+               record("int8", "onnxruntime", 256, 12.0), record("int8-s2d", "onnxruntime", 256, 9.0, kind="int8")]
+    assert deployments.from_records(records, "bench", "now", HOST)[0].onnxruntime_artifact == "int8-s2d"

@@ -191,13 +191,15 @@ def test_a_per_batch_file_is_judged_at_its_fastest_engine():
     assert quantize.per_batch_files(cands, table, cands[0]) == {"per-channel": ["batch_256"]}
 
 
-def fake_speed_check(p50: dict):
-    """A stand-in for `quantize.speed_check` returning `p50` ({name: (batch-1 ms, large-batch ms)})."""
+def fake_speed_check(p50: dict, elsewhere: dict | None = None):
+    """A stand-in for `quantize.speed_check` returning `p50` ({name: (batch-1 ms, large-batch ms)}), and
+    `elsewhere` ({"<name>@<engine>": (batch-1 ms, large-batch ms)}) as if another engine had been timed."""
 
     def check(models, x, config, other_engines=None):
         table = {"threads": None, "rounds": 15, "seconds_per_round": 0.0}
         for i, batch in enumerate((1, config.speed_batch)):
             entry = {f"{name}_ms": p50[name][i] for name in models}
+            entry.update({f"{name}_ms": ms[i] for name, ms in (elsewhere or {}).items()})
             entry.update({f"{name}_ratio": p50[name][i] / p50["fp32"][i] for name in models if name != "fp32"})
             table[f"batch_{batch}"] = entry
         return table
@@ -235,6 +237,27 @@ def test_a_per_batch_file_ships_with_its_deployment_and_is_removed_when_it_no_lo
     assert set(manifest["artifacts"]) == {"fp32", "int8"}
     assert [(d["batch"], d["artifact"]) for d in manifest["deployments"]] == [(1, "int8"), (32, "int8")]
     assert sorted(p.name for p in exported_run.glob("model.int8*.onnx")) == ["model.int8.onnx"]
+
+
+@pytest.mark.slow
+def test_the_file_fastest_on_onnxruntime_ships_as_the_fallback_of_an_openvino_deployment(exported_run, monkeypatch):
+    from pipeline import artifacts, deployments
+    from pipeline.pack import default_variants
+    from pipeline.workflow import quantize_run
+
+    # "default" on OpenVINO wins both batch sizes; on ONNX Runtime alone "per-channel" is 1.5x faster at batch 32.
+    config = QuantizeConfig(speed_batch=32, recipes=("default", "per-channel"), engines=("onnxruntime",))
+    monkeypatch.setattr(quantize, "speed_check", fake_speed_check(
+        {"fp32": (1.0, 10.0), "default": (0.8, 6.0), "per-channel": (0.8, 4.0)},
+        {"default@openvino": (0.5, 2.0), "per-channel@openvino": (0.6, 3.0)}))
+    quantize_run(exported_run, config)
+    manifest = artifacts.read_manifest(exported_run)
+    assert manifest["artifacts"]["int8-per-channel"]["quantization"]["shipped_for"] == ["batch 32 on onnxruntime"]
+    assert [(d["batch"], d["artifact"], d["engine"], d.get("onnxruntime_artifact")) for d in manifest["deployments"]] == [
+        (1, "int8", "openvino", "int8"), (32, "int8", "openvino", "int8-per-channel")]
+    without_openvino = deployments.follow(manifest, 32, lambda engine: (False, f"{engine} is not installed"))
+    assert without_openvino.artifact == "int8-per-channel" and "not installed" in without_openvino.note
+    assert default_variants(manifest, exported_run) == ("int8", "int8-per-channel")
 
 
 def test_the_speed_check_times_the_fastest_again_in_a_final_and_keeps_one_fp32_baseline(monkeypatch):
@@ -290,3 +313,19 @@ def test_speed_rounds_reach_the_config_and_nonsense_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run"), "--speed-rounds", "0"])
     assert result.exit_code == 2 and "speed rounds must be >= 1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_fastest_candidate_on_onnxruntime_alone_ships_too_for_devices_without_the_other_engine():
+    # On OpenVINO "nhwc" wins both batch sizes; on ONNX Runtime "s2d" is 25% faster than "nhwc" at batch 256.
+    cands = [candidate("nhwc-signed-input"), candidate("space-to-depth")]
+    table = speed(**{"nhwc-signed-input": (0.5, 8.0), "space-to-depth": (0.5, 6.0)})
+    table["batch_1"].update({"nhwc-signed-input@openvino_ms": 0.3, "space-to-depth@openvino_ms": 0.35})
+    table["batch_256"].update({"nhwc-signed-input@openvino_ms": 2.0, "space-to-depth@openvino_ms": 2.4})
+    shipped, _ = quantize.choose_candidate(cands, table, 0.05)
+    assert shipped.recipe == "nhwc-signed-input"
+    assert quantize.per_batch_files(cands, table, shipped) == {"space-to-depth": ["batch_256@onnxruntime"]}
+    # Negative controls: within the margin on ONNX Runtime, or slower there than fp32 (10 ms), nothing more ships.
+    table["batch_256"]["space-to-depth_ms"] = 7.9
+    assert quantize.per_batch_files(cands, table, shipped) == {}
+    table["batch_256"].update({"nhwc-signed-input_ms": 14.0, "space-to-depth_ms": 11.0})
+    assert quantize.per_batch_files(cands, table, shipped) == {}

@@ -445,3 +445,17 @@ def test_runner_reads_images_as_training_did(tmp_path, resize):
         assert np.abs(device_runner.load_image(str(path), {**preprocess, "resize": other}) - trained).max() > 0.01
     with pytest.raises(device_runner.Refused, match="resize mode 'stretch'"):
         device_runner.load_image(str(wide), {**preprocess, "resize": "stretch"})
+
+
+def test_without_the_deployments_engine_the_runner_takes_the_file_fastest_on_onnxruntime(tmp_path):
+    from pipeline import device_runner
+
+    deployment = {"batch": 256, "artifact": "int8", "engine": "openvino", "onnxruntime_artifact": "int8-space-to-depth"}
+    manifest = {"artifacts": {"fp32": {}, "int8": {}, "int8-space-to-depth": {}}, "recommended": "int8",
+                "deployments": [deployment]}
+    chosen = device_runner.choose(str(tmp_path), manifest, "sha", None, 256)
+    assert chosen["artifact"] == "int8-space-to-depth" and chosen["engine"] == "onnxruntime"
+    assert "using int8-space-to-depth on onnxruntime" in chosen["note"]
+    # Negative control: a bundle without that file runs the deployment's own artifact on onnxruntime.
+    del manifest["artifacts"]["int8-space-to-depth"]
+    assert device_runner.choose(str(tmp_path), manifest, "sha", None, 256)["artifact"] == "int8"

@@ -98,9 +98,14 @@ def _pipeline_targets(run, manifest: dict, shape: tuple[int, ...]) -> dict:
     return out
 
 
-def _recommended(manifest: dict, batch: int, contenders: dict) -> tuple[str, dict]:
-    """The contender that is the manifest's deployment for `batch` (as `predict` would follow it)."""
-    choice = deployments.follow(manifest, batch, engines.available)
+def _onnxruntime_only(engine: str) -> tuple[bool, str]:
+    """`engines.available` on a device with ONNX Runtime alone (most edge devices)."""
+    return engine == "onnxruntime", f"{engine}: not on this device"
+
+
+def _recommended(manifest: dict, batch: int, contenders: dict, installed=engines.available) -> tuple[str, dict]:
+    """The contender that is the manifest's deployment for `batch` (as `predict` would follow it where `installed`)."""
+    choice = deployments.follow(manifest, batch, installed)
     engine_label = "ORT" if choice.engine == "onnxruntime" else "OpenVINO"
     name = f"pipeline {choice.artifact} ({engine_label})"
     where = {"artifact": choice.artifact, "engine": choice.engine, "note": choice.note,
@@ -163,7 +168,7 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                           "passes_gate": drop <= MAX_DROP_POINTS + 1e-9}
         result: dict = {"agreement_checks": checks, "calibration": data["calibration_source"], "test_images": int(len(y_test)),
                         "fp32_test_accuracy": fp32_accuracy, "max_drop_points": MAX_DROP_POINTS,
-                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {},
+                        "contenders": rows, "recommended": {}, "best_peer": {}, "ratios": {}, "paired": {}, "onnxruntime_only": {},
                         "deployed_vs_candidates": deployed_vs_candidates(manifest)}
         plan = TimingPlan(warmup=10, warmup_seconds=0.5, duration=seconds / len(BATCHES) / len(contenders),
                           rounds=rounds, time_limit=max(seconds, 2.0), settle_seconds=SETTLE_SECONDS)
@@ -191,6 +196,14 @@ def measure_peers(run, data: dict, seconds: float, rounds: int, folder: Path) ->
                 paired = np.asarray(rows[best][key]["round_p50_ms"]) / np.asarray(rows[rec][key]["round_p50_ms"])
                 result["paired"][key] = {"median": float(np.median(paired)), "min": float(paired.min()),
                                          "max": float(paired.max()), "rounds": int(len(paired))}
+            # A device with ONNX Runtime only runs the deployments' fallback: against the ONNX Runtime peers.
+            fallback, _ = _recommended(manifest, batch, contenders, _onnxruntime_only)
+            on_onnxruntime = [n for n in eligible if rows[n]["engine"] == "onnxruntime"]
+            if on_onnxruntime:
+                best_there = min(on_onnxruntime, key=lambda n: rows[n][key]["p50_ms"])
+                result["onnxruntime_only"][key] = {
+                    "contender": fallback, "best_peer": best_there,
+                    "ratio": rows[best_there][key]["p50_ms"] / rows[fallback][key]["p50_ms"]}
             say(f"[peers] {key}: " + ", ".join(f"{n} {rows[n][key]['p50_ms']:.4g} ms" for n in rows))
     return result
 
@@ -219,6 +232,9 @@ def markdown(peers: dict, command: str) -> list[str]:
         verdict = "n/a (no eligible peer)" if ratio is None else f"**{ratio:.2f}** (best peer: {best}{spread})"
         note = f"; {rec['note']}" if rec.get("note") else ""
         lines.append(f"- {key}: recommended deployment {rec['contender']}; best peer p50 / recommended p50 = {verdict}{note}")
+    for key, row in (peers.get("onnxruntime_only") or {}).items():
+        lines.append(f"- {key}, a device with ONNX Runtime only: the deployments run {row['contender']}; best ONNX Runtime "
+                     f"peer p50 / its p50 = **{row['ratio']:.2f}** (best: {row['best_peer']})")
     for key, row in (peers.get("deployed_vs_candidates") or {}).items():
         lines.append(f"- {key}, the export's speed check: deployed {row['deployed']} {row['deployed_ms']:.4g} ms, fastest int8 "
                      f"candidate {row['fastest_candidate']} {row['fastest_ms']:.4g} ms: ratio **{row['ratio']:.3f}**")
