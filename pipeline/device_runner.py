@@ -658,9 +658,10 @@ def summary_lines(report: dict) -> list:
              f"(onnxruntime {report['versions']['onnxruntime']}, providers "
              f"{','.join(p.replace('ExecutionProvider', '') for p in report['onnxruntime_providers'])})"]
     lines += [f"  {c['check']}: {c['detail'] or c['target']}" for c in report["checks"]]
+    width = max([6] + [len(r["artifact"]) for r in report["timings"]])  # per-batch files have long names
     for r in report["timings"]:
         if r["status"] == "ok":
-            lines.append(f"  time {r['artifact']:<6} {r['provider']:<5} batch {r['batch']:<4} threads {r['threads']:<2} "
+            lines.append(f"  time {r['artifact']:<{width}} {r['provider']:<5} batch {r['batch']:<4} threads {r['threads']:<2} "
                          f"p50 {r['latency_ms']['p50']:.4f} ms  p90 {r['latency_ms']['p90']:.4f} ms  runs {r['runs']}")
         else:
             lines.append(f"  time {r['artifact']} {r['provider']} batch {r['batch']}: {r['status']}: {r['reason']}")

@@ -783,9 +783,10 @@ def per_batch_files(candidates: Sequence[Candidate], speed: dict | None, shipped
 
 
 def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipped: str, kept: bool,
-                      engine_checks: dict | None = None) -> list[dict]:
+                      engine_checks: dict | None = None, per_batch: Sequence[str] = ()) -> list[dict]:
     """The int8 record's `candidates`: every recipe with its validation numbers, latency ratios and, per other
-    engine, its agreement check (`engine_checks`: (recipe, engine) -> check)."""
+    engine, its agreement check (`engine_checks`: (recipe, engine) -> check). With `kept`, a passing candidate
+    that did not ship names its kept file; one shipped as a per-batch file (`per_batch`) has its own artifact."""
     out = []
     for c in candidates:
         row: dict = {"recipe": c.recipe, "why": RECIPES[c.recipe].why, "overrides": _plain(RECIPES[c.recipe].overrides),
@@ -809,7 +810,7 @@ def candidate_records(candidates: Sequence[Candidate], speed: dict | None, shipp
                                            "onnxruntime_ms": entry[f"{c.recipe}_ms"],
                                            **{k[len(c.recipe) + 1:-3] + "_ms": v for k, v in entry.items()
                                               if k.startswith(c.recipe + "@") and k.endswith("_ms")}}
-        if kept and c.passed and c.recipe != shipped:
+        if kept and c.passed and c.recipe != shipped and c.recipe not in per_batch:
             row["file"] = c.path.name
         out.append(row)
     return out

@@ -549,7 +549,7 @@ def _quantize(run_dir: Path, config, fp16_config, calibration, on_step: Callable
     calibrated = {"calibration_source": calibration_source, "calibration_images": int(len(calibration))}
     record = _int8_record(variant, chosen, target, fp32, tested[variant], speed, calibrated, recipe_choice=choice_reason,
                           candidates=quantize.candidate_records(candidates, speed, chosen.recipe, config.keep_candidates,
-                                                                engine_checks))
+                                                                engine_checks, tuple(per_batch)))
     records = {variant: record}
     for name, c in extras.items():
         batches = [key.replace("_", " ").replace("@", " on ") for key in per_batch[c.recipe]]

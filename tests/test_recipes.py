@@ -95,6 +95,15 @@ def test_candidate_records_list_every_recipe_with_ratios_to_fp32_and_ort_default
     assert not rows[2]["passed"] and rows[2]["error"] and "latency" not in rows[2]
 
 
+def test_a_kept_candidate_names_its_file_unless_it_shipped_as_a_per_batch_file():
+    cands = [candidate("default"), candidate("per-channel")]
+    table = speed(**{"default": (0.5, 5.0), "per-channel": (0.4, 6.0)})
+    kept = quantize.candidate_records(cands, table, "default", True)
+    assert kept[1]["file"] == "model.int8.per-channel.onnx" and "file" not in kept[0]
+    moved = quantize.candidate_records(cands, table, "default", True, per_batch=("per-channel",))
+    assert "file" not in moved[1]  # it is the artifact int8-per-channel now, not a kept candidate
+
+
 def test_a_failing_recipe_is_listed_with_its_numbers_and_all_failing_raises_the_gate_error(monkeypatch, tmp_path):
     def gated(fp32_path, out_path, config, *rest):
         if config.per_channel:
@@ -148,15 +157,22 @@ def test_export_searches_recipes_ships_one_and_records_every_candidate(exported_
     assert f"a={activation} " in meta["pipeline.quantization"] and recipe["activation_type"] == activation
     other = next(name for name in rows if name != recipe["recipe"])
     leftovers = sorted(p.name for p in exported_run.glob("model.int8.*.onnx"))
-    kept = keep and rows[other]["passed"]  # only candidates that passed their gate are kept
+    # Only candidates that passed their gate are kept, and one that shipped as a per-batch file is that file.
+    kept = keep and rows[other]["passed"] and f"int8-{other}" not in manifest["artifacts"]
     assert leftovers == ([f"model.int8.{other}.onnx"] if kept else [])
-    assert ("file" in rows[other]) is kept and set(manifest["artifacts"]) == {"fp32", "int8"}
+    assert ("file" in rows[other]) is kept
+    # Besides fp32 and int8, only the other candidate as a per-batch file (when it won a batch size on some engine,
+    # or on ONNX Runtime alone where another engine won), and then with the batch sizes it ships for.
+    per_batch = set(manifest["artifacts"]) - {"fp32", "int8"}
+    assert per_batch <= {f"int8-{other}"}
+    assert all(manifest["artifacts"][name]["quantization"]["shipped_for"] for name in per_batch)
     # One deployment per measured batch size, in exactly the documented shape.
     assert [d["batch"] for d in manifest["deployments"]] == [1, 32]
     for d in manifest["deployments"]:
+        fallback = ["onnxruntime_artifact"] if d["engine"] != "onnxruntime" else []
         assert list(d) == ["batch", "artifact", "engine", "provider", "threads", "p50_ms", "ratio_to_fp32", "host",
-                           "measured", "created"]
-        assert d["artifact"] in ("fp32", "int8") and d["engine"] == "onnxruntime" and d["measured"] == "export speed check"
+                           "measured", "created", *fallback]
+        assert d["artifact"] in manifest["artifacts"] and d["measured"] == "export speed check"
         assert d["threads"] >= 1 and set(d["host"]) == {"machine", "processor", "cpu_count"}
 
 
