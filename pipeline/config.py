@@ -584,7 +584,7 @@ class QuantizeConfig:
     layer's weights permuted to match: the same products; `pipeline.layout`). Engines that keep int8 activations
     channels-last then skip a reorder of the whole feature map (the `nhwc-flatten` recipes)."""
     space_to_depth: bool = False
-    """Rewrite each strided Conv on at most 4 input channels (the first Conv of an image model) as Pad +
+    """Rewrite each strided Conv on at most 4 input channels (the first Conv of an image model) as
     SpaceToDepth + a stride-1 Conv on stride^2 times the channels (the same sums; `pipeline.layout`): int8
     kernels multiply channels in groups of four, and one channel leaves three of four lanes empty."""
     signed_input: bool = False
