@@ -117,14 +117,8 @@ def from_records(records: Iterable[dict], measured: str, created: str, host_reco
     timed = [r for r in records if r.get("status") == "ok" and r.get("kind") in DEPLOYABLE_KINDS]
     fp32 = {(r["provider"], r["batch"], r["threads"]): r["latency_ms"]["p50"] for r in timed
             if r["kind"] == "fp32" and r["engine"] == "onnxruntime"}
-    best: dict[int, dict] = {}
-    best_on_onnxruntime: dict[int, dict] = {}
-    for r in timed:
-        if r["batch"] not in best or r["latency_ms"]["p50"] < best[r["batch"]]["latency_ms"]["p50"]:
-            best[r["batch"]] = r
-        if r["engine"] == "onnxruntime" and (r["batch"] not in best_on_onnxruntime
-                                             or r["latency_ms"]["p50"] < best_on_onnxruntime[r["batch"]]["latency_ms"]["p50"]):
-            best_on_onnxruntime[r["batch"]] = r
+    best = _fastest_per_batch(timed)
+    best_on_onnxruntime = _fastest_per_batch(r for r in timed if r["engine"] == "onnxruntime")
     out = []
     for batch, r in sorted(best.items()):
         base = fp32.get((r["provider"], batch, r["threads"]))
@@ -135,6 +129,15 @@ def from_records(records: Iterable[dict], measured: str, created: str, host_reco
                               host=host_record or host(), measured=measured, created=created,
                               onnxruntime_artifact=on_onnxruntime if r["engine"] != "onnxruntime" else None))
     return out
+
+
+def _fastest_per_batch(records: Iterable[dict]) -> dict[int, dict]:
+    """Batch size -> the record with the lowest p50 at that batch size."""
+    best: dict[int, dict] = {}
+    for r in records:
+        if r["batch"] not in best or r["latency_ms"]["p50"] < best[r["batch"]]["latency_ms"]["p50"]:
+            best[r["batch"]] = r
+    return best
 
 
 def from_speed_check(speed: dict, artifacts: Iterable[str], created: str) -> list[Deployment]:

@@ -28,6 +28,15 @@ from onnx import numpy_helper
 NHWC = (0, 2, 3, 1)
 
 
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (graph inputs and initializers included)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _constant_ints(model: onnx.ModelProto, name: str) -> list[int] | None:
     """The value of an initializer or Constant node output, as ints; None if `name` is computed."""
     for init in model.graph.initializer:
@@ -82,18 +91,15 @@ def flatten_nhwc(model: onnx.ModelProto) -> int:
     """Rewrite, in place, every flatten of a 4D feature map whose only consumers are fully connected layers with
     their own weights, to flatten in NHWC order; returns how many were rewritten (0: the model has none)."""
     model_with_shapes = onnx.shape_inference.infer_shapes(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(model)
     rewritten = 0
     for node in list(model.graph.node):
         chw = _chw(model_with_shapes, node.input[0]) if node.input else None
         if chw is None or chw[1] * chw[2] == 1 or not _is_flatten_to_2d(model, node, int(np.prod(chw))):
             continue
-        users = consumers.get(node.output[0], [])
+        users = readers.get(node.output[0], [])
         axes = [_weight_column_axis(model, user, node.output[0]) for user in users]
-        if not users or None in axes or any(len(consumers.get(u.input[1], [])) != 1 for u in users):
+        if not users or None in axes or any(len(readers.get(u.input[1], [])) != 1 for u in users):
             continue
         for user, axis in zip(users, axes, strict=True):
             _permute_weight(model, user.input[1], axis, chw)
@@ -123,20 +129,17 @@ def space_to_depth(model: onnx.ModelProto, max_channels: int = 4) -> int:
     """Rewrite, in place, every strided Conv on at most `max_channels` input channels whose weight is its own as
     SpaceToDepth + stride-1 Conv; returns how many were rewritten (0: the model has none)."""
     model_with_shapes = onnx.shape_inference.infer_shapes(model)
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    readers = consumers(model)
     rewritten = 0
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
-        plan = _space_to_depth_plan(model, model_with_shapes, conv, max_channels, consumers)
+        plan = _space_to_depth_plan(model, model_with_shapes, conv, max_channels, readers)
         if plan is not None:
             _rewrite_space_to_depth(model, conv, *plan)
             rewritten += 1
     return rewritten
 
 
-def _space_to_depth_plan(model, model_with_shapes, conv, max_channels, consumers):
+def _space_to_depth_plan(model, model_with_shapes, conv, max_channels, readers):
     """(stride, pads of a Pad node before SpaceToDepth, pads of the new Conv) when the rewrite applies to `conv`
     and gives the same output size; None otherwise."""
     attrs = _attributes(conv)
@@ -147,7 +150,7 @@ def _space_to_depth_plan(model, model_with_shapes, conv, max_channels, consumers
         return None
     chw = _chw(model_with_shapes, conv.input[0])
     weight = next((i for i in model.graph.initializer if i.name == conv.input[1]), None)
-    if chw is None or chw[0] > max_channels or weight is None or consumers.get(conv.input[1]) != 1:
+    if chw is None or chw[0] > max_channels or weight is None or len(readers.get(conv.input[1], [])) != 1:
         return None
     stride, (kh, kw) = strides[0], weight.dims[2:]
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])

@@ -134,13 +134,10 @@ _ELEMENTWISE = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh")
 
 def feeds_max_pool(model: onnx.ModelProto, conv_name: str) -> bool:
     """Whether the Conv's output reaches a MaxPool through elementwise ops alone (conv -> ReLU -> pool)."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = layout.consumers(model)
     node = next(n for n in model.graph.node if n.name == conv_name)
     while True:
-        following = consumers.get(node.output[0], [])
+        following = readers.get(node.output[0], [])
         if len(following) != 1:
             return False
         node = following[0]

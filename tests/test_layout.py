@@ -48,6 +48,7 @@ def conv_fc_model(flatten: str = "reshape", fc: str = "gemm", trans_b: int = 1, 
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's `logits` output under ONNX Runtime (both test graphs name their output so)."""
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
 
 
@@ -99,10 +100,6 @@ def strided_conv_model(channels: int, size: int, kernel: int, stride: int, pads:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def stem_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-
-
 # MNIST's stem (28x28, 5x5, stride 2, pad 2), an RGB stem (3x3 stride 2 pad 1 on an odd size: padded to whole
 # blocks), and a stride-3 kernel that is not a multiple of the stride.
 @pytest.mark.parametrize("channels, size, kernel, stride, pads", [(1, 28, 5, 2, [2, 2, 2, 2]), (3, 15, 3, 2, [1, 1, 1, 1]),
@@ -110,7 +107,7 @@ def stem_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_space_to_depth_computes_the_same_outputs(channels, size, kernel, stride, pads):
     model = strided_conv_model(channels, size, kernel, stride, pads)
     x = np.random.default_rng(4).normal(size=(2, channels, size, size)).astype(np.float32)
-    before = stem_outputs(model, x)
+    before = logits(model, x)
     assert layout.space_to_depth(model) == 1
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
@@ -119,7 +116,7 @@ def test_space_to_depth_computes_the_same_outputs(channels, size, kernel, stride
     assert ("Pad" in ops) == (any(p % stride for p in pads) or size % stride != 0)
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert list(next(a for a in conv.attribute if a.name == "strides").ints) == [1, 1]
-    after = stem_outputs(model, x)
+    after = logits(model, x)
     assert after.shape == before.shape and np.abs(after - before).max() < 1e-4
 
 
@@ -128,7 +125,7 @@ def test_space_to_depth_without_reordered_weights_changes_the_outputs(monkeypatc
     # so the equality above rests on that reordering.
     model = strided_conv_model(1, 28, 5, 2, [2, 2, 2, 2])
     x = np.random.default_rng(4).normal(size=(2, 1, 28, 28)).astype(np.float32)
-    before = stem_outputs(model, x)
+    before = logits(model, x)
 
     def padded_only(weight, stride):  # the right shape, the taps left in kernel order
         out, channels, kh, kw = weight.shape
@@ -139,7 +136,7 @@ def test_space_to_depth_without_reordered_weights_changes_the_outputs(monkeypatc
 
     monkeypatch.setattr(layout, "_blocked_weight", padded_only)
     assert layout.space_to_depth(model) == 1
-    assert np.abs(stem_outputs(model, x) - before).max() > 1e-2
+    assert np.abs(logits(model, x) - before).max() > 1e-2
 
 
 def test_space_to_depth_leaves_wide_and_unstrided_convs_alone():

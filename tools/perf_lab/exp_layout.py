@@ -15,39 +15,36 @@ Prints each file's paired per-round speed-up over the baseline per engine and ba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import bench_peers  # noqa: E402
 import numpy as np  # noqa: E402
+from bench import RunModels  # noqa: E402
 
-from pipeline import data, engines, quantize  # noqa: E402
+from pipeline import engines, quantize  # noqa: E402
 from pipeline.bench import OnnxTarget  # noqa: E402
-from pipeline.config import BenchConfig, DataConfig, QuantizeConfig  # noqa: E402
+from pipeline.config import BenchConfig, QuantizeConfig  # noqa: E402
 from pipeline.timing import SETTLE_SECONDS, TimingPlan, round_medians, time_interleaved  # noqa: E402
 
 BATCHES = ((1, 1), (256, 2))
 
 
-def build(run: Path, work: Path, calibration: np.ndarray) -> dict[str, Path]:
+def build(run: RunModels, work: Path, calibration: np.ndarray) -> dict[str, Path]:
+    """The recipes' int8 files, built as the export builds them, and NNCF's IR as `make bench` builds it."""
     files = {}
+    fp32 = run.path("fp32")
     for name in ("float-gemm-outputs", "nhwc-flatten", "nhwc-signed-input", "space-to-depth"):
         config = quantize.recipe_config(QuantizeConfig(), name)
-        prepared = quantize.prepare(run / "model.onnx", work / f"{name}.prepared.onnx", config.pre_process)
+        prepared = quantize.prepare(fp32, work / f"{name}.prepared.onnx", config.pre_process)
         quantize.rewrite_layout(prepared, config)
         files[name] = quantize.quantize_model(prepared, work / f"{name}.int8.onnx", config, calibration, ())
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError as exc:
-        print(f"NNCF peer skipped: {exc}")
-        return files
-    model = ov.Core().read_model(str(run / "model.onnx"))
-    ov.save_model(nncf.quantize(model, nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
-                                subset_size=len(calibration)), str(work / "nncf.xml"))
-    files["NNCF int8"] = work / "nncf.xml"
+    nncf = bench_peers._openvino_peers(fp32, calibration, work, run.sample_shape()).get(bench_peers.PEERS[3])
+    if nncf is not None:
+        files["NNCF int8"] = nncf.path
     return files
 
 
@@ -72,16 +69,12 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--rounds", type=int, default=15)
     a = p.parse_args()
-    manifest = json.loads((a.run / "manifest.json").read_text())
-    splits = data.load(DataConfig.from_dict(manifest["dataset"]["config"]))
-    pre = data.Preprocess.from_dict(manifest["preprocess"])
-    recipe = manifest["artifacts"]["int8"]["quantization"]
-    calibration = quantize.sample_images(pre.apply(splits.x_train), int(recipe["calibration_images"]), int(recipe["seed"]))
-    x_test = pre.apply(splits.x_test)
-    shape = tuple(x_test.shape[1:])
+    run = RunModels(a.run)
+    peer_data = run.peer_data()  # the int8 record's calibration draw; the test images only feed the timing
+    x_test, shape = peer_data["x_test"], run.sample_shape()
     with_openvino = engines.available("openvino")[0]
     with tempfile.TemporaryDirectory(prefix="exp-layout-") as tmp:
-        files = build(a.run, Path(tmp), calibration)
+        files = build(run, Path(tmp), peer_data["calibration"])
         plan = TimingPlan(warmup=10, warmup_seconds=0.3, duration=0.12, rounds=a.rounds, time_limit=600,
                           settle_seconds=SETTLE_SECONDS)
         for batch, threads in BATCHES:
